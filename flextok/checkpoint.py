@@ -1,0 +1,130 @@
+"""Checkpoint I/O: safetensors files with the model config as JSON metadata.
+
+Owns: writing and reading `*.safetensors` (weights + string metadata), resolving a folder to its
+weights file, refusing pickle-based files, and file fingerprints (sha256). This is the only place
+in `flextok/` that touches the filesystem. Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "flextok-at-scale"
+FORMAT_VERSION = "1"
+WEIGHTS_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message is one line a user can act on."""
+
+
+def resolve_weights_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a folder holding `model.safetensors` (also an official release)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in WEIGHTS_NAMES:
+            if (p / name).is_file():
+                return p / name
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise CheckpointError(f"no model.safetensors in folder {p}")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse anything that is not a safetensors file, pickles and torch zip archives above all."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path} is a pickle-based (torch.save) file; only safetensors checkpoints are loaded, "
+            "nothing is ever unpickled"
+        )
+    if len(head) < 9:
+        raise CheckpointError(f"{path} is not a safetensors file (too short)")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > _MAX_HEADER_BYTES or head[8:9] != b"{":
+        raise CheckpointError(f"{path} is not a safetensors file")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    kind: str,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights and metadata atomically (temporary name, then rename)."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        p.mkdir(parents=True, exist_ok=True)
+        p = p / WEIGHTS_NAMES[0]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": json.dumps(config, sort_keys=True),
+    }
+    for key, value in (extra or {}).items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, p)
+    return p
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    p = resolve_weights_path(path)
+    _check_safetensors(p)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read (state_dict, metadata) from a safetensors file or a folder holding one."""
+    p = resolve_weights_path(path)
+    _check_safetensors(p)
+    try:
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+    except Exception as e:
+        raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
+    return state, metadata
+
+
+def config_from_metadata(metadata: dict[str, str], *, kind: str, path: Any = "") -> dict[str, Any]:
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (no config in its metadata)")
+    if metadata.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds a {metadata.get('kind')!r}, expected a {kind!r}")
+    return json.loads(metadata["config"])
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(resolve_weights_path(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

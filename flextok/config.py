@@ -1,0 +1,219 @@
+"""Architecture configs for the FlexTok tokenizer, and the preset registry.
+
+Owns: frozen, keyword-only dataclasses describing *architecture* only (no batch size, paths or
+learning rates: those live in job configs), their validation, JSON round trip, and the presets.
+Does not own: building modules (see `flextok.tokenizer`) or checkpoint I/O (`flextok.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+NESTED_DROPOUT_MODES = ("uniform", "pow2")
+TIME_SAMPLING_MODES = ("logit_normal", "uniform")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FSQConfig:
+    """Finite scalar quantisation: one integer level count per code dimension."""
+
+    levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(int(x) for x in self.levels))
+        if not self.levels:
+            raise ValueError("FSQConfig.levels must not be empty")
+        if any(x < 2 for x in self.levels):
+            raise ValueError(f"FSQConfig.levels must all be >= 2, got {self.levels}")
+        if self.codebook_size > 2**16:
+            raise ValueError(
+                f"FSQ codebook of {self.codebook_size} codes does not fit uint16 token storage"
+            )
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+    @property
+    def num_dims(self) -> int:
+        return len(self.levels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """A frozen diffusers `AutoencoderKL` (the paper's f8, 16-channel VAE by default).
+
+    `path` is a local folder or file with diffusers weights; None builds the architecture with random
+    weights (tests, `meta` device, or weights that arrive inside an official FlexTok checkpoint).
+    """
+
+    latent_channels: int = 16
+    downsample: int = 8
+    scaling_factor: float = 0.88
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        if self.downsample != 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(
+                f"VAE downsample {self.downsample} does not match {len(self.block_out_channels)} blocks"
+            )
+        if self.latent_channels < 1 or self.scaling_factor <= 0:
+            raise ValueError("VAE latent_channels must be >= 1 and scaling_factor > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlexTokConfig:
+    """Architecture of a FlexTok tokenizer (encoder, FSQ, rectified-flow decoder).
+
+    Size "dN" in the paper is depth N at width 64·N with 64-wide heads.
+    """
+
+    image_size: int = 256
+    image_channels: int = 3
+    patch_size: int = 2
+    num_registers: int = 256
+    encoder_depth: int = 12
+    encoder_dim: int = 768
+    decoder_depth: int = 12
+    decoder_dim: int = 768
+    head_dim: int = 64
+    time_freq_dim: int = 256
+    fsq: FSQConfig = field(default_factory=FSQConfig)
+    vae: VAEConfig | None = None
+    nested_dropout_mode: str = "uniform"
+    cond_dropout_prob: float = 0.1
+    time_sampling: str = "logit_normal"
+    # Fraction of training flow times drawn uniformly instead of logit-normally: logit-normal rarely
+    # samples t near 1, where the Euler sampler starts.
+    uniform_time_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        fsq, vae = self.fsq, self.vae
+        if isinstance(fsq, dict):
+            object.__setattr__(self, "fsq", FSQConfig(**fsq))
+        if isinstance(vae, dict):
+            object.__setattr__(self, "vae", VAEConfig(**vae))
+        for name in ("image_size", "patch_size", "num_registers", "encoder_depth", "decoder_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FlexTokConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("encoder_dim", "decoder_dim"):
+            dim = getattr(self, name)
+            if dim % self.head_dim:
+                raise ValueError(f"FlexTokConfig.{name}={dim} is not a multiple of head_dim={self.head_dim}")
+        if self.latent_size % self.patch_size:
+            raise ValueError(
+                f"latent size {self.latent_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
+            raise ValueError(f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}")
+        if self.time_sampling not in TIME_SAMPLING_MODES:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLING_MODES}")
+        if not 0.0 <= self.cond_dropout_prob < 1.0:
+            raise ValueError("cond_dropout_prob must be in [0, 1)")
+        if not 0.0 <= self.uniform_time_fraction <= 1.0:
+            raise ValueError("uniform_time_fraction must be in [0, 1]")
+        if self.vae is not None and self.image_size % self.vae.downsample:
+            raise ValueError(f"image_size {self.image_size} not divisible by VAE downsample")
+
+    # Derived sizes -------------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        """Channels of what the encoder sees: VAE latents, or pixels when there is no VAE."""
+        return self.vae.latent_channels if self.vae is not None else self.image_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae.downsample if self.vae is not None else self.image_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.latent_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq.codebook_size
+
+    # Serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlexTokConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown FlexTokConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> FlexTokConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def mlp_hidden_dim(dim: int) -> int:
+    """SwiGLU hidden width: 2/3 of a 4x MLP, so the three matrices cost what two 4x matrices would."""
+    return int(2 * 4 * dim / 3)
+
+
+def _paper(enc_depth: int, dec_depth: int) -> FlexTokConfig:
+    return FlexTokConfig(
+        image_size=256,
+        patch_size=2,
+        num_registers=256,
+        encoder_depth=enc_depth,
+        encoder_dim=64 * enc_depth,
+        decoder_depth=dec_depth,
+        decoder_dim=64 * dec_depth,
+        head_dim=64,
+        fsq=FSQConfig(levels=(8, 8, 8, 5, 5, 5)),
+        vae=VAEConfig(),
+    )
+
+
+TOKENIZER_PRESETS: dict[str, FlexTokConfig] = {
+    # CPU demo: 32x32 pixels, no VAE, patch 4 (64 patches), 32 registers, 1,000 codes.
+    "tiny": FlexTokConfig(
+        image_size=32,
+        patch_size=4,
+        num_registers=32,
+        encoder_depth=4,
+        encoder_dim=192,
+        decoder_depth=4,
+        decoder_dim=192,
+        head_dim=32,
+        fsq=FSQConfig(levels=(8, 5, 5, 5)),
+        vae=None,
+        nested_dropout_mode="pow2",
+        uniform_time_fraction=0.25,
+    ),
+    "d12_d12": _paper(12, 12),
+    "d18_d18": _paper(18, 18),
+    "d18_d28": _paper(18, 28),
+}
+
+
+def get_preset(name: str) -> FlexTokConfig:
+    try:
+        return TOKENIZER_PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown tokenizer preset {name!r}; choose one of {sorted(TOKENIZER_PRESETS)}"
+        ) from None

@@ -1,0 +1,167 @@
+"""Transformer building blocks shared by the FlexTok encoder and decoder.
+
+Owns: the non-affine fp32 LayerNorm, attention with QK-norm over SDPA, the SwiGLU MLP, the plain
+pre-norm block (encoder) and the adaLN-zero block with separate modulation for two sub-sequences
+(decoder), 2D sin-cos positions and the sinusoidal time embedder.
+Does not own: masks (built by the networks that use them) or any training process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flextok.config import mlp_hidden_dim
+
+
+def layer_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm without affine parameters, computed in fp32 and cast back (stable under bf16)."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: bias-free projections, QK-norm, SDPA with an explicit mask."""
+
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"dim {dim} is not a multiple of head_dim {head_dim}")
+        self.num_heads = dim // head_dim
+        self.head_dim = head_dim
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = layer_norm_fp32(self.wq(x).view(shape)).transpose(1, 2)  # (B, H, T, hd)
+        k = layer_norm_fp32(self.wk(x).view(shape)).transpose(1, 2)  # (B, H, T, hd)
+        v = self.wv(x).view(shape).transpose(1, 2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    """fc2(silu(fc1 x) * fc3 x), hidden width 8D/3, no biases."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        hidden = mlp_hidden_dim(dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (encoder)."""
+
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.attn = Attention(dim, head_dim)
+        self.mlp = SwiGLU(dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(layer_norm_fp32(x), attn_mask)
+        return x + self.mlp(layer_norm_fp32(x))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm block with adaLN-zero time conditioning, modulated separately for two parts.
+
+    The sequence is `[first ; second]` (the decoder's noised patches, then its registers); each part
+    gets its own shift, scale and gate for attention and MLP: 2 x 6 chunks from one linear layer.
+    """
+
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.attn = Attention(dim, head_dim)
+        self.mlp = SwiGLU(dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 12 * dim))
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, num_first: int, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # cond: (B, D) -> 12 x (B, D): [patches: shift, scale, gate (attn), shift, scale, gate (mlp) ;
+        #                               registers: the same six]
+        mods = self.adaLN_modulation(cond).chunk(12, dim=-1)
+        first, second = mods[:6], mods[6:]
+
+        def mod(h: torch.Tensor, i: int) -> torch.Tensor:
+            a, b = h[:, :num_first], h[:, num_first:]
+            return torch.cat(
+                [modulate(a, first[i], first[i + 1]), modulate(b, second[i], second[i + 1])], dim=1
+            )
+
+        def gate(h: torch.Tensor, i: int) -> torch.Tensor:
+            a, b = h[:, :num_first], h[:, num_first:]
+            return torch.cat([a * first[i].unsqueeze(1), b * second[i].unsqueeze(1)], dim=1)
+
+        x = x + gate(self.attn(mod(layer_norm_fp32(x), 0), attn_mask), 2)
+        return x + gate(self.mlp(mod(layer_norm_fp32(x), 3)), 5)
+
+
+def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position table, (1, D, H, W): half the channels encode rows, half columns."""
+    if dim % 4:
+        raise ValueError(f"sin-cos 2D positions need dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))  # (D/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    angles = pos[:, None] * omega[None, :]  # (G, D/4)
+    emb_1d = torch.cat([angles.sin(), angles.cos()], dim=1)  # (G, D/2)
+    rows = emb_1d[:, None, :].expand(grid_size, grid_size, dim // 2)  # (H, W, D/2)
+    cols = emb_1d[None, :, :].expand(grid_size, grid_size, dim // 2)  # (H, W, D/2)
+    table = torch.cat([rows, cols], dim=-1)  # (H, W, D)
+    return table.permute(2, 0, 1).unsqueeze(0).float().contiguous()  # (1, D, H, W)
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time t in [0, 1] -> sinusoidal features -> MLP -> (B, D)."""
+
+    # t is scaled to [0, 1000] before the sinusoid so that the usual 10^4 frequency range resolves it.
+    TIME_SCALE = 1000.0
+
+    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
+        args = (t.float() * self.TIME_SCALE)[:, None] * freqs[None]  # (B, F/2)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, P*P*C), patches in row-major order, values ordered (p1, p2, c)."""
+    B, C, H, W = x.shape
+    P = patch_size
+    x = x.reshape(B, C, H // P, P, W // P, P)  # (B, C, h, P, w, P)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, P, P, C)
+    return x.reshape(B, (H // P) * (W // P), P * P * C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of `patchify`: (B, N, P*P*C) -> (B, C, H, W) for a square grid."""
+    B, N, _ = x.shape
+    g = math.isqrt(N)
+    P = patch_size
+    x = x.reshape(B, g, g, P, P, channels)  # (B, h, w, P, P, C)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, P, w, P)
+    return x.reshape(B, channels, g * P, g * P)

@@ -1,0 +1,224 @@
+"""`FlexTok`: the tokenizer model and its public API.
+
+Owns: wiring VAE (optional) -> encoder -> FSQ -> decoder, the training objective (nested dropout,
+null-condition dropout, rectified-flow loss), `tokenize` / `detokenize`, and building from presets,
+our checkpoints and official releases. The noise process and the sampler live in `flextok.flow`,
+the official key mapping in `flextok.official`, file I/O in `flextok.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flextok import flow
+from flextok.checkpoint import (
+    CheckpointError,
+    config_from_metadata,
+    file_sha256,
+    load_checkpoint,
+    resolve_weights_path,
+    save_checkpoint,
+)
+from flextok.config import FlexTokConfig, get_preset
+from flextok.decoder import Decoder
+from flextok.encoder import Encoder, causal_last_mask
+from flextok.fsq import FSQ
+from flextok.nested_dropout import sample_keep_k
+
+KIND = "FlexTok"
+
+
+class FlexTok(nn.Module):
+    """Image <-> ordered sequence of 1..K discrete tokens, coarse to fine."""
+
+    def __init__(self, config: FlexTokConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.vae is not None:
+            from flextok.vae import VAE  # optional dependency (diffusers)
+
+            self.vae: nn.Module | None = VAE(config.vae)
+        else:
+            self.vae = None
+        self.encoder = Encoder(config)
+        self.fsq = FSQ(config.fsq)
+        self.decoder = Decoder(config)
+        self.checkpoint_id = "unsaved"
+        self.checkpoint_sha256: str | None = None
+
+    def init_weights(self) -> None:
+        """Encoder and decoder schemes are documented on their `init_weights`; the VAE is frozen."""
+        self.encoder.init_weights()
+        self.decoder.init_weights()
+
+    # Construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: FlexTokConfig, device: torch.device | str | None = None) -> FlexTok:
+        """Randomly initialised; on the `meta` device nothing is allocated (parameter counts)."""
+        with torch.device(device or "cpu"):
+            model = cls(config)
+            if str(device) != "meta":
+                model.init_weights()
+        if config.vae is not None and config.vae.path and str(device) != "meta":
+            model.vae.load_weights(config.vae.path)
+        return model
+
+    @classmethod
+    def from_preset(cls, name: str, device: torch.device | str | None = None, **overrides) -> FlexTok:
+        config = get_preset(name)
+        if overrides:
+            config = config.replace(**overrides)
+        model = cls.from_config(config, device)
+        model.checkpoint_id = f"preset:{name}"
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> FlexTok:
+        """Load our checkpoint or an official FlexTok release (recognised by its key names)."""
+        from flextok import official
+
+        state, metadata = load_checkpoint(path)
+        if official.is_official_state_dict(state):
+            config = official.infer_config(state)
+            state = official.map_state_dict(state, config)
+        else:
+            config = FlexTokConfig.from_dict(config_from_metadata(metadata, kind=KIND, path=path))
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict_strict(state)
+        model.checkpoint_id = str(path)
+        model.checkpoint_sha256 = file_sha256(path)
+        return model.to(device) if device is not None else model
+
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load every key exactly (names and shapes); a mismatch is an error listing the keys."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"checkpoint does not match the model: missing {missing[:8]}, unexpected "
+                f"{unexpected[:8]}, wrong shape {wrong[:8]} ({len(missing)}/{len(unexpected)}/{len(wrong)})"
+            )
+        self.load_state_dict(state, strict=True, assign=True)
+        # Non-persistent buffers (FSQ tables, the encoder mask) are derived from the config; a model
+        # built on `meta` gets them rebuilt on the device the loaded weights live on.
+        device = next(self.parameters()).device
+        self.fsq = FSQ(self.config.fsq).to(device)
+        self.encoder.attn_mask = causal_last_mask(
+            self.config.num_patches, self.config.num_registers, device=device
+        )
+
+    def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
+        """Write `path` (a .safetensors file, or a folder that gets model.safetensors)."""
+        out = save_checkpoint(path, self.state_dict(), kind=KIND, config=self.config.to_dict(), extra=extra)
+        self.checkpoint_id, self.checkpoint_sha256 = str(out), file_sha256(out)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # Pixels <-> latents ----------------------------------------------------------------------------
+    def images_to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        return self.vae.encode(images) if self.vae is not None else images
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents) if self.vae is not None else latents.clamp(-1, 1)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        c = self.config
+        expected = (c.image_channels, c.image_size, c.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor in [-1, 1], got {images.dtype}")
+
+    # Tokenize / detokenize -----------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) in [-1, 1] -> (codes (B, K, d), tokens (B, K))."""
+        z = self.encoder(self.images_to_latents(images))
+        return self.fsq(z)
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> LongTensor (B, K) of token ids, coarse to fine."""
+        return self.encode(images.to(self.device))[1]
+
+    def _pad_tokens(self, ids: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, k] tensor or list of 1D tensors -> (tokens (B, K) zero-padded, keep_k (B,))."""
+        K = self.config.num_registers
+        rows = list(ids.unbind(0)) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else list(ids)
+        if isinstance(ids, torch.Tensor) and ids.dim() != 2:
+            raise ValueError(f"ids must be [B, k] or a list of 1D tensors, got shape {list(ids.shape)}")
+        if not rows:
+            raise ValueError("ids is empty")
+        lengths = [int(r.numel()) for r in rows]
+        if min(lengths) < 1 or max(lengths) > K:
+            raise ValueError(f"every token sequence must have 1..{K} tokens, got lengths {sorted(set(lengths))}")
+        tokens = torch.zeros(len(rows), K, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            tokens[i, : r.numel()] = torch.as_tensor(r, device=self.device).long().flatten()
+        return tokens, torch.tensor(lengths, device=self.device)
+
+    @torch.no_grad()
+    def detokenize(
+        self,
+        ids: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        steps: int = 25,
+        guidance_scale: float = 1.0,
+        apg: bool | flow.APGConfig = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Token prefixes of any lengths 1..K (one batched call) -> images (B, 3, H, W) in [-1, 1]."""
+        tokens, keep_k = self._pad_tokens(ids)
+        B = tokens.shape[0]
+        codes = self.fsq.tokens_to_codes(tokens)  # (B, K, d)
+        cond = self.decoder.embed_registers(codes, keep_k)  # (B, K, D)
+        uncond = self.decoder.embed_registers(codes, keep_k, torch.ones(B, dtype=torch.bool, device=self.device))
+        both = torch.cat([cond, uncond])  # (2B, K, D)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
+            return self.decoder(x, t, both if with_uncond else cond)
+
+        c = self.config
+        noise = flow.randn((B, c.latent_channels, c.latent_size, c.latent_size), generator=generator, device=self.device)
+        latents = flow.euler_sample(velocity, noise, steps=steps, guidance_scale=guidance_scale, apg=apg)
+        return self.latents_to_images(latents)
+
+    # Training ------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One training step's losses: {"loss", "flow_mse"} (and nothing that needs a host sync)."""
+        c = self.config
+        latents = self.images_to_latents(images)
+        B = latents.shape[0]
+        codes, _ = self.fsq(self.encoder(latents))
+        keep_k = sample_keep_k(B, c.num_registers, c.nested_dropout_mode, generator=generator, device=latents.device)
+        gen_device = generator.device if generator is not None else latents.device
+        drop = (torch.rand(B, generator=generator, device=gen_device) < c.cond_dropout_prob).to(latents.device)
+        registers = self.decoder.embed_registers(codes, keep_k, drop)
+        t = flow.sample_time(
+            B, mode=c.time_sampling, uniform_fraction=c.uniform_time_fraction, generator=generator, device=latents.device
+        )
+        noise = flow.randn(tuple(latents.shape), generator=generator, device=latents.device, dtype=latents.dtype)
+        velocity = self.decoder(flow.add_noise(latents, noise, t), t, registers)
+        loss = flow.flow_loss(velocity, latents, noise)
+        return {"loss": loss, "flow_mse": loss.detach()}
+
+
+def load_tokenizer(spec: str | os.PathLike, device: torch.device | str | None = None) -> FlexTok:
+    """A preset name (random weights) or a checkpoint path — the form CLIs accept for `--model`."""
+    from flextok.config import TOKENIZER_PRESETS
+
+    if isinstance(spec, str) and spec in TOKENIZER_PRESETS and not Path(spec).exists():
+        return FlexTok.from_preset(spec, device=device)
+    resolve_weights_path(spec)  # one clear error for a missing path
+    return FlexTok.from_pretrained(spec, device=device)

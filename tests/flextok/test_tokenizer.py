@@ -1,0 +1,186 @@
+"""FlexTok public API: tokenize/detokenize, checkpoints, presets on `meta`, the VAE path."""
+
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from flextok import CheckpointError, FlexTok, load_tokenizer
+from flextok.checkpoint import read_metadata
+
+SMALL = dict(encoder_dim=64, decoder_dim=64, head_dim=32, encoder_depth=2, decoder_depth=2)
+OFFICIAL = Path(__file__).resolve().parents[3] / "shared" / "flextok-official"
+
+
+@pytest.fixture(scope="module")
+def model(small_model):
+    return small_model
+
+
+def _images(n=3, seed=0):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_tokenize_shape_dtype_range(model):
+    ids = model.tokenize(_images())
+    assert ids.shape == (3, 32) and ids.dtype == torch.long
+    assert ids.min() >= 0 and ids.max() < model.config.codebook_size
+
+
+def test_tokenize_rejects_wrong_image_shape(model):
+    with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]"):
+        model.tokenize(torch.zeros(1, 3, 64, 64))
+
+
+def test_detokenize_takes_ragged_prefixes_in_one_call(model):
+    ids = model.tokenize(_images())
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    ragged = model.detokenize([ids[0, :1], ids[1, :9], ids[2]], steps=3, generator=g())
+    assert ragged.shape == (3, 3, 32, 32)
+    assert ragged.min() >= -1 and ragged.max() <= 1
+    # Row i of the ragged call equals the same prefix decoded alone with the same noise.
+    alone = model.detokenize(ids[1:2, :9], steps=3, generator=torch.Generator().manual_seed(7))
+    noise_row1 = model.detokenize([ids[0, :1], ids[1, :9]], steps=3, generator=g())[1]
+    assert torch.allclose(noise_row1, ragged[1], atol=1e-5)
+    assert alone.shape == (1, 3, 32, 32)
+
+
+def test_detokenize_rejects_empty_and_too_long(model):
+    with pytest.raises(ValueError, match="1..32"):
+        model.detokenize([torch.zeros(0, dtype=torch.long)])
+    with pytest.raises(ValueError, match="1..32"):
+        model.detokenize(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_same_seed_same_image_other_seed_other_image(model):
+    ids = model.tokenize(_images(2))
+    a = model.detokenize(ids[:, :4], steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(1))
+    b = model.detokenize(ids[:, :4], steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(1))
+    c = model.detokenize(ids[:, :4], steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_cfg_changes_the_image_and_apg_runs(model):
+    ids = model.tokenize(_images(2))
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    plain = model.detokenize(ids, steps=3, generator=g())
+    guided = model.detokenize(ids, steps=3, guidance_scale=4.0, generator=g())
+    apg = model.detokenize(ids, steps=3, guidance_scale=4.0, apg=True, generator=g())
+    assert not torch.allclose(plain, guided) and not torch.allclose(guided, apg)
+
+
+def test_training_forward_is_differentiable_and_seeded(model):
+    x = _images(4)
+    a = model(x, generator=torch.Generator().manual_seed(0))["loss"]
+    b = model(x, generator=torch.Generator().manual_seed(0))["loss"]
+    assert torch.equal(a, b) and a.requires_grad
+    a.backward()
+    assert model.encoder.to_codes.weight.grad.abs().sum() > 0  # gradient reaches the encoder via FSQ
+    model.zero_grad()
+
+
+def test_checkpoint_round_trip_is_bit_exact(model, tmp_path):
+    path = model.save_pretrained(tmp_path / "tok")
+    assert path.name == "model.safetensors"
+    loaded = FlexTok.from_pretrained(tmp_path / "tok")
+    assert loaded.config == model.config
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.checkpoint_sha256 == model.checkpoint_sha256 and len(loaded.checkpoint_sha256) == 64
+    ids = model.tokenize(_images())
+    assert torch.equal(loaded.tokenize(_images()), ids)
+    meta = read_metadata(path)
+    assert json.loads(meta["config"])["num_registers"] == 32 and meta["kind"] == "FlexTok"
+
+
+def test_pickle_checkpoints_are_refused(model, tmp_path):
+    torch_file = tmp_path / "model.pt"
+    torch.save(model.state_dict(), torch_file)  # a zip of pickles
+    with pytest.raises(CheckpointError, match="pickle"):
+        FlexTok.from_pretrained(torch_file)
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match="pickle"):
+        FlexTok.from_pretrained(raw)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("data.pkl", b"x")
+    (tmp_path / "z.safetensors").write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError):
+        FlexTok.from_pretrained(tmp_path / "z.safetensors")
+
+
+def test_missing_and_mismatched_checkpoints_give_one_line_errors(model, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_tokenizer(tmp_path / "nope.safetensors")
+    model.save_pretrained(tmp_path / "m.safetensors")
+    from flextok.checkpoint import load_checkpoint, save_checkpoint
+
+    state, meta = load_checkpoint(tmp_path / "m.safetensors")
+    del state["decoder.mask_token"]
+    save_checkpoint(tmp_path / "bad.safetensors", state, kind="FlexTok", config=json.loads(meta["config"]))
+    with pytest.raises(CheckpointError, match="decoder.mask_token"):
+        FlexTok.from_pretrained(tmp_path / "bad.safetensors")
+
+
+def test_load_tokenizer_takes_preset_names():
+    m = load_tokenizer("tiny")
+    assert m.checkpoint_id == "preset:tiny" and m.checkpoint_sha256 is None
+
+
+@pytest.mark.parametrize(
+    "preset,manifest",
+    [("d12_d12", "d12_d12_in1k"), ("d18_d18", "d18_d18_in1k"), ("d18_d28", "d18_d28_in1k")],
+)
+def test_paper_presets_on_meta_match_official_parameter_counts(preset, manifest):
+    m = FlexTok.from_preset(preset, device="meta")
+    total = sum(v.numel() for v in m.state_dict().values())
+    no_vae = sum(v.numel() for k, v in m.state_dict().items() if not k.startswith("vae."))
+    print(f"{preset}: {total:,} parameters ({no_vae:,} without the VAE)")
+    path = OFFICIAL / f"flextok_{manifest}_keys.json"
+    if path.exists():
+        expected = json.loads(path.read_text())["state_dict"]
+        assert total == sum(torch.Size(s).numel() for s in expected.values())
+    # Independent of the manifests: the published sizes 0.3B / 0.9B / 3B (rounded, with the VAE).
+    assert round(total / 1e9, 1 if total < 1e9 else 0) == {"d12_d12": 0.3, "d18_d18": 0.9, "d18_d28": 3}[preset]
+
+
+def _tiny_vae_config(path=None):
+    from flextok import VAEConfig
+
+    return VAEConfig(latent_channels=4, downsample=2, block_out_channels=(32, 32), layers_per_block=1,
+                     norm_num_groups=8, scaling_factor=0.5, path=path)
+
+
+def test_latent_space_tokenizer_with_a_local_diffusers_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    vae_dir = tmp_path / "vae"
+    torch.manual_seed(0)
+    cfg = _tiny_vae_config()
+    ref = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=cfg.block_out_channels,
+        layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    )
+    ref.save_pretrained(vae_dir, safe_serialization=True)
+    m = FlexTok.from_preset("tiny", vae=_tiny_vae_config(str(vae_dir)), **SMALL)
+    assert m.config.latent_size == 16 and m.config.latent_channels == 4
+    assert torch.equal(m.vae.vae.encoder.conv_in.weight, ref.encoder.conv_in.weight)
+    assert not any(p.requires_grad for p in m.vae.parameters())
+    x = _images(2)
+    ids = m.tokenize(x)
+    assert ids.shape == (2, 32)
+    out = m.detokenize(ids[:, :3], steps=2)
+    assert out.shape == (2, 3, 32, 32)
+    loss = m(x)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    # The VAE travels inside our checkpoint too.
+    m.save_pretrained(tmp_path / "latent")
+    again = FlexTok.from_pretrained(tmp_path / "latent")
+    assert torch.equal(again.vae.vae.encoder.conv_in.weight, ref.encoder.conv_in.weight)
