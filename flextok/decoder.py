@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from flextok.config import FlexTokConfig
-from flextok.layers import AdaLNBlock, TimestepEmbedder, layer_norm_fp32, modulate, patchify, sincos_2d, unpatchify
+from flextok.layers import (
+    AdaLNBlock,
+    TimestepEmbedder,
+    layer_norm_fp32,
+    modulate,
+    patchify,
+    sincos_2d,
+    unpatchify,
+)
 from flextok.nested_dropout import keep_mask
 
 
