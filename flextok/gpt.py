@@ -297,6 +297,8 @@ class GPT(nn.Module):
         """Init scheme: embeddings and linears N(0, 0.02); the two residual-branch output projections
         of every block N(0, 0.02 / sqrt(2 * depth)) (GPT-2), so the residual stream's variance does
         not grow with depth; RMSNorm gains 1. No biases anywhere. A no-op on the `meta` device."""
+        if self.tok_emb.weight.is_meta:  # nothing to fill; skipping also avoids nn.init's slow meta path
+            return
         residual_std = 0.02 / math.sqrt(2 * self.config.depth)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
