@@ -5,11 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-
 from flextok.encoder import causal_last_mask
 from flextok.layers import patchify, unpatchify
 from flextok.nested_dropout import keep_mask, sample_keep_k
-
 
 
 @pytest.fixture(scope="module")

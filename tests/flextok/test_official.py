@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flextok import CheckpointError, FlexTok
-from flextok import official
+from flextok import CheckpointError, FlexTok, official
 
 MANIFESTS = Path(__file__).resolve().parents[3] / "shared" / "flextok-official"
 NAMES = ["d12_d12_in1k", "d18_d18_in1k", "d18_d28_in1k", "d18_d28_dfn"]
