@@ -1,0 +1,111 @@
+"""`flextok tokenize --input SRC --output DST`: tokenize an image corpus into Parquet token shards.
+
+Runs on a laptop (a local Ray is started when RAY_ADDRESS is unset) and on a cluster:
+`ray job submit --working-dir . -- python -m jobs.tokenize --input s3://... --output s3://...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from jobs.cli_util import json_arg, positive_int, run_cli
+
+log = logging.getLogger("jobs.tokenize")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value:g}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value:g}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flextok tokenize",
+        description="Tokenize an image corpus with Ray Data into Parquet token shards: DST/part-*.parquet "
+        "(key, tokens list<uint16>, num_tokens, label, caption, source, width, height), DST/_errors/ "
+        "(one row per sample that could not be tokenized) and DST/_manifest.json. Re-running the same "
+        "command finishes an interrupted run; on a finished DST it does nothing.",
+    )
+    p.add_argument("--input", required=True, metavar="SRC",
+                   help="fsspec URL (local path, file://, s3://) of a folder, a glob or a brace pattern "
+                   "(shard-{000..099}.tar): WebDataset tar shards, image folders (class sub-folders = labels) "
+                   "or Parquet with an image-bytes column (Hugging Face `image.bytes`)")
+    p.add_argument("--output", required=True, metavar="DST", help="fsspec URL of the output folder")
+    p.add_argument("--model", default=None, metavar="CKPT",
+                   help="tokenizer: a checkpoint of ours, an official FlexTok release folder, or a preset name "
+                   "(tiny, d12_d12, ...; RANDOM weights, for tests). Default: the bundled tiny tokenizer")
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="K",
+                   help="store the first K tokens of each image (1..model K; default all)")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per encoder call")
+    p.add_argument("--actors", type=positive_int, default=None, metavar="N",
+                   help="encoder actors (default: one per GPU; on CPU half the cluster's CPUs)")
+    p.add_argument("--gpus-per-actor", type=_nonnegative_float, default=None, metavar="F",
+                   help="GPUs per encoder actor (default 1 when the cluster has GPUs; 0 forces CPU)")
+    p.add_argument("--cpus-per-actor", type=_positive_float, default=None, metavar="F",
+                   help="CPUs reserved per encoder actor; its torch threads are this rounded up. Default: "
+                   "1 thread, reserving 1 CPU, or less on a multi-node CPU cluster so that losing a node "
+                   "never leaves the decode tasks without a CPU")
+    p.add_argument("--storage-options", type=json_arg, default=None, metavar="JSON",
+                   help='fsspec storage options for s3:// etc., e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' '
+                   "(default: the standard AWS_* environment variables); never logged or stored")
+    p.add_argument("--files-per-shard", type=positive_int, default=1000,
+                   help="image folders: files per input shard (the unit of resume)")
+    p.add_argument("--max-pixels", type=positive_int, default=None,
+                   help="refuse images with more pixels than this before decoding (default 100,000,000)")
+    p.add_argument("--min-side", type=positive_int, default=None,
+                   help="refuse images whose shorter side is below this (default 8)")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+    from pipelines.tokenize import IncompleteRunError, TokenizeConfig, run_tokenize
+
+    cfg = TokenizeConfig(
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        num_actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        storage_options=args.storage_options or {},
+        files_per_shard=args.files_per_shard,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        min_side=args.min_side or DEFAULT_MIN_SIDE,
+    )
+    try:
+        result = run_tokenize(cfg)
+    except IncompleteRunError as e:  # not a user error, but still one line: the remedy is to re-run
+        print(f"flextok tokenize: incomplete: {e}", file=sys.stderr)
+        return 1
+    print(result.summary(), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("flextok tokenize", _run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

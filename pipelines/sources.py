@@ -1,0 +1,466 @@
+"""Where samples come from: resolve an input URL into shards, and read a shard into sample rows.
+
+Owns: input URLs of any fsspec filesystem (a folder, a glob, a brace pattern, a file), format
+detection (WebDataset tar shards, image folders with class sub-folders, Parquet with an image-bytes
+column), stable shard ids and sample keys, and the readers that turn one shard into `SAMPLE_SCHEMA`
+rows. A reader never raises for bad data: a missing or unreadable shard, a sample without an image, a
+duplicate key each become an error row. Does not own: credentials and filesystems
+(`pipelines.storage`, whose helpers are re-exported here), decoding (`pipelines.decode`), the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.schema import error_message, sample_table
+from pipelines.storage import effective_storage_options, filesystem, redact_options, redact_url
+
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+PARQUET_EXTS = (".parquet", ".pq")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# WebDataset members: which extension is the image, which carry label and caption.
+WDS_IMAGE_EXTS = tuple(e[1:] for e in IMAGE_EXTS)
+PARQUET_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_bytes", "bytes")
+LABEL_FIELDS = ("label", "labels", "cls", "class")
+CAPTION_FIELDS = ("caption", "text", "txt")
+KEY_FIELDS = ("key", "__key__", "id")
+FORMATS = ("webdataset", "parquet", "images")
+
+log = logging.getLogger(__name__)
+
+# Shards -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    """One unit of input and of resume bookkeeping.
+
+    `id` is stable and file-name safe; output files and sample keys derive from it. For image
+    folders a shard is a run of `files`, with `keys` and `labels` per file. `fingerprint` changes when
+    the shard's content (size or membership) changes, so that a re-run redoes it.
+    """
+
+    id: str
+    url: str
+    format: str
+    fingerprint: str
+    files: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    labels: tuple[int | None, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Shard:
+        d = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    url: str
+    format: str
+    shards: tuple[Shard, ...]
+    class_names: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "url": redact_url(self.url),
+            "format": self.format,
+            "num_shards": len(self.shards),
+            "class_names": list(self.class_names),
+        }
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> 3 names; `{x,y}` lists; groups expand left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        lo, hi = int(rng.group(1)), int(rng.group(2))
+        width = len(rng.group(1)) if rng.group(1).startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        items = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise ValueError(f"cannot expand brace group {{{body}}} in {pattern!r}")
+    return [name for item in items for name in expand_braces(head + item + tail)]
+
+
+def _ext(path: str) -> str:
+    name = posixpath.basename(path).lower()
+    for ext in TAR_EXTS + PARQUET_EXTS + IMAGE_EXTS:
+        if name.endswith(ext):
+            return ext
+    return posixpath.splitext(name)[1]
+
+
+def _format_of(path: str) -> str | None:
+    ext = _ext(path)
+    if ext in TAR_EXTS:
+        return "webdataset"
+    if ext in PARQUET_EXTS:
+        return "parquet"
+    if ext in IMAGE_EXTS:
+        return "images"
+    return None
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _safe_id(rel: str) -> str:
+    for ext in TAR_EXTS + PARQUET_EXTS:
+        if rel.lower().endswith(ext):
+            rel = rel[: -len(ext)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", rel.replace("/", "-")).strip("._") or "shard"
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _file_shards(fs: Any, entries: list[tuple[str, int | None]], fmt: str) -> list[Shard]:
+    """Tar or Parquet files -> shards with ids from their paths relative to the common folder."""
+    paths = [p for p, _ in entries]
+    root = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if len(paths) > 1 else (
+        posixpath.dirname(paths[0])
+    )
+    rels = [posixpath.relpath(p, root) if root else p for p in paths]
+    ids = [_safe_id(r) for r in rels]
+    seen: dict[str, int] = {}
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+    ids = [i if seen[i] == 1 else f"{i}-{_fingerprint(r)[:8]}" for i, r in zip(ids, rels)]
+    return [
+        Shard(id=i, url=fs.unstrip_protocol(p), format=fmt, fingerprint=_fingerprint(fs.unstrip_protocol(p), size))
+        for i, (p, size) in zip(ids, entries)
+    ]
+
+
+def _image_shards(
+    fs: Any, root: str, entries: list[tuple[str, int | None]], files_per_shard: int
+) -> tuple[list[Shard], tuple[str, ...]]:
+    """Image files under `root` -> shards of `files_per_shard`; class sub-folders -> labels."""
+    rels = [posixpath.relpath(p, root) for p, _ in entries]
+    class_names = tuple(sorted({r.split("/", 1)[0] for r in rels if "/" in r}))
+    class_index = {c: i for i, c in enumerate(class_names)}
+    shards = []
+    for n, start in enumerate(range(0, len(entries), files_per_shard)):
+        chunk = list(zip(rels[start : start + files_per_shard], entries[start : start + files_per_shard]))
+        labels = tuple(class_index[r.split("/", 1)[0]] if "/" in r else None for r, _ in chunk)
+        files = tuple(fs.unstrip_protocol(p) for _, (p, _) in chunk)
+        shards.append(
+            Shard(
+                id=f"images-{n:06d}",
+                url=fs.unstrip_protocol(root),
+                format="images",
+                fingerprint=_fingerprint([(r, size) for r, (_, size) in chunk]),
+                files=files,
+                keys=tuple(r for r, _ in chunk),
+                labels=labels,
+            )
+        )
+    return shards, class_names
+
+
+def resolve_inputs(
+    url: str, storage_options: Mapping[str, Any] | None = None, *, files_per_shard: int = 1000
+) -> InputPlan:
+    """Turn a folder / glob / brace pattern / file URL into an ordered list of shards.
+
+    Raises FileNotFoundError or ValueError (one line, for the user) when nothing usable is found.
+    A name from a brace pattern that does not exist stays in the plan: its reader reports it.
+    """
+    if files_per_shard < 1:
+        raise ValueError("files_per_shard must be >= 1")
+    patterns = expand_braces(url)
+    entries: list[tuple[str, int | None]] = []
+    fs = None
+    image_root: str | None = None
+    for pattern in patterns:
+        fs, path = filesystem(pattern, storage_options)
+        if fs.isdir(path):
+            if len(patterns) > 1:
+                raise ValueError(f"{redact_url(pattern)} is a folder; a brace pattern must name files")
+            found = fs.find(path, detail=True)
+            image_root = path.rstrip("/")
+            for p, info in sorted(found.items()):
+                rel = posixpath.relpath(p, image_root)
+                if info.get("type", "file") == "file" and not _is_hidden(rel) and _format_of(p):
+                    entries.append((p, info.get("size")))
+        elif any(ch in path for ch in "*?["):
+            found = fs.glob(path, detail=True)
+            for p, info in sorted(found.items()):
+                if info.get("type", "file") == "file" and _format_of(p):
+                    entries.append((p, info.get("size")))
+        elif fs.exists(path):
+            entries.append((path, fs.size(path)))
+        elif len(patterns) > 1:
+            entries.append((path, None))  # reported as a missing shard by its reader
+        else:
+            raise FileNotFoundError(f"input not found: {redact_url(pattern)}")
+    if not entries or fs is None:
+        raise FileNotFoundError(
+            f"no WebDataset shards (.tar), Parquet files or images found at {redact_url(url)}"
+        )
+    formats = {_format_of(p) for p, _ in entries}
+    for fmt in ("webdataset", "parquet", "images"):
+        if fmt in formats:
+            chosen = fmt
+            break
+    if len(formats - {None}) > 1 and image_root is None:
+        raise ValueError(f"{redact_url(url)} mixes input formats {sorted(f for f in formats if f)}; name one")
+    ignored = sum(1 for p, _ in entries if _format_of(p) != chosen)
+    if ignored:
+        log.warning("%s: reading its %s files, ignoring %d files of other formats", redact_url(url), chosen, ignored)
+    entries = [(p, s) for p, s in entries if _format_of(p) == chosen]
+    if chosen == "images":
+        root = image_root or posixpath.commonpath([posixpath.dirname(p) for p, _ in entries])
+        shards, class_names = _image_shards(fs, root, entries, files_per_shard)
+        return InputPlan(url=url, format=chosen, shards=tuple(shards), class_names=class_names)
+    return InputPlan(url=url, format=chosen, shards=tuple(_file_shards(fs, entries, chosen)))
+
+
+# Readers ------------------------------------------------------------------------------------------
+class _Batcher:
+    """Accumulates sample rows and hands out tables of at most `rows` rows / `max_bytes` bytes."""
+
+    def __init__(self, rows: int, max_bytes: int = 32 << 20):
+        self.rows, self.max_bytes = rows, max_bytes
+        self.buf: list[dict[str, Any]] = []
+        self.nbytes = 0
+
+    def add(self, row: dict[str, Any]) -> pa.Table | None:
+        """Add a row; returns a full table to hand out, if this row filled one."""
+        self.buf.append(row)
+        self.nbytes += len(row.get("image") or b"")
+        if len(self.buf) >= self.rows or self.nbytes >= self.max_bytes:
+            return self.flush()
+        return None
+
+    def flush(self) -> pa.Table | None:
+        if not self.buf:
+            return None
+        table, self.buf, self.nbytes = sample_table(self.buf), [], 0
+        return table
+
+
+def _split_wds_name(name: str) -> tuple[str, str] | None:
+    """WebDataset member name -> (sample key, extension): the key ends at the basename's first dot."""
+    m = re.fullmatch(r"((?:.*/)?[^./][^/]*?)\.([^/]+)", name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def _parse_int(text: str | bytes) -> int:
+    value = int(text.decode() if isinstance(text, bytes) else text)
+    if not -(2**31) <= value < 2**31:
+        raise ValueError(f"label {value} out of int32 range")
+    return value
+
+
+def _wds_sample(shard: Shard, key: str, members: dict[str, bytes]) -> dict[str, Any]:
+    row: dict[str, Any] = {"shard": shard.id, "key": f"{shard.id}/{key}", "source": shard.url, "total": -1}
+    image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
+    if image_ext is None:
+        kinds = ", ".join(sorted(members)) or "nothing"
+        row.update(error=error_message("no image member", f"sample has {kinds}"), stage="read")
+        return row
+    row["image"] = members[image_ext]
+    try:
+        if "cls" in members:
+            row["label"] = _parse_int(members["cls"].strip())
+        if "txt" in members:
+            row["caption"] = members["txt"].decode("utf-8", errors="replace").strip()
+        if "json" in members:
+            meta = json.loads(members["json"])
+            if isinstance(meta, dict):
+                if row.get("label") is None:
+                    label = next((meta[f] for f in LABEL_FIELDS if isinstance(meta.get(f), int)), None)
+                    row["label"] = None if label is None else _parse_int(str(label))
+                if row.get("caption") is None:
+                    row["caption"] = next((meta[f] for f in CAPTION_FIELDS if isinstance(meta.get(f), str)), None)
+    except (ValueError, UnicodeDecodeError) as e:
+        row.update(image=None, label=None, caption=None, error=error_message("bad metadata", str(e)), stage="read")
+    return row
+
+
+def _read_webdataset(shard: Shard, fs: Any, path: str) -> Iterator[dict[str, Any]]:
+    """Samples of a tar shard in member order; raises OSError/tarfile errors for a broken tar."""
+    seen: set[str] = set()
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            parsed = _split_wds_name(info.name)
+            if parsed is None:
+                continue
+            k, ext = parsed
+            if k != key:
+                if key is not None:
+                    yield _duplicate(shard, key) if key in seen else _wds_sample(shard, key, members)
+                    seen.add(key)
+                key, members = k, {}
+            data = tar.extractfile(info)
+            members[ext] = data.read() if data is not None else b""
+        if key is not None:
+            yield _duplicate(shard, key) if key in seen else _wds_sample(shard, key, members)
+
+
+def _duplicate(shard: Shard, key: str) -> dict[str, Any]:
+    return {
+        "shard": shard.id, "key": f"{shard.id}/{key}", "source": shard.url, "total": -1,
+        "error": error_message("duplicate key", f"{key} appears again in the shard; first kept"),
+        "stage": "read",
+    }
+
+
+def _first_present(names: Iterable[str], candidates: Iterable[str]) -> str | None:
+    names = list(names)
+    return next((c for c in candidates if c in names), None)
+
+
+def _read_parquet(shard: Shard, fs: Any, path: str, rows_per_batch: int) -> Iterator[dict[str, Any]]:
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        image_col = _first_present(names, PARQUET_IMAGE_COLUMNS)
+        if image_col is None:
+            raise ValueError(f"no image column (looked for {', '.join(PARQUET_IMAGE_COLUMNS)})")
+        label_col = _first_present(names, LABEL_FIELDS)
+        caption_col = _first_present(names, CAPTION_FIELDS)
+        key_col = _first_present(names, KEY_FIELDS)
+        columns = [c for c in (image_col, label_col, caption_col, key_col) if c]
+        index = 0
+        seen: set[str] = set()
+        for batch in pf.iter_batches(batch_size=rows_per_batch, columns=columns):
+            images = batch.column(image_col)
+            if pa.types.is_struct(images.type):  # Hugging Face datasets: struct<bytes, path>
+                images = images.field("bytes")
+            images = images.to_pylist()
+            labels = batch.column(label_col).to_pylist() if label_col else [None] * len(images)
+            captions = batch.column(caption_col).to_pylist() if caption_col else [None] * len(images)
+            keys = batch.column(key_col).to_pylist() if key_col else [None] * len(images)
+            for image, label, caption, key in zip(images, labels, captions, keys):
+                key = str(key if key is not None else index)
+                index += 1
+                if key in seen:
+                    yield _duplicate(shard, key)
+                    continue
+                seen.add(key)
+                row = {
+                    "shard": shard.id, "source": shard.url, "total": -1, "key": f"{shard.id}/{key}",
+                    "image": image, "caption": caption if isinstance(caption, str) else None,
+                }
+                try:
+                    row["label"] = None if label is None else _parse_int(str(label))
+                except ValueError as e:
+                    row.update(image=None, error=error_message("bad metadata", str(e)), stage="read")
+                if image is None and "error" not in row:
+                    row.update(error=error_message("empty image", "null image bytes"), stage="read")
+                yield row
+
+
+def _read_images(shard: Shard, fs: Any, skip: frozenset[int]) -> Iterator[dict[str, Any]]:
+    for i, (url, key, label) in enumerate(zip(shard.files, shard.keys, shard.labels)):
+        row: dict[str, Any] = {"shard": shard.id, "key": key, "source": url, "total": -1, "label": label}
+        if i in skip:
+            yield row  # placeholder, dropped by the caller
+            continue
+        try:
+            row["image"] = fs.cat_file(fs._strip_protocol(url))
+        except FileNotFoundError:
+            row.update(label=None, error=error_message("missing file", url), stage="read")
+        except Exception as e:  # any storage error stays with its file
+            row.update(label=None, error=error_message("unreadable file", f"{type(e).__name__}: {e}"), stage="read")
+        yield row
+
+
+def read_shard(
+    shard: Shard,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    skip: Iterable[int] = (),
+    rows_per_batch: int = 64,
+) -> Iterator[pa.Table]:
+    """Yield SAMPLE_SCHEMA tables for one shard; the last row is its end marker (index -1).
+
+    Indices are positions in the shard, stable across runs. `skip` lists indices already done (a
+    resumed run); they are not re-emitted, but they count in the end marker's `total`. Never raises
+    for bad data: a shard that cannot be opened or breaks part-way adds one error row for the rest.
+    """
+    skip = frozenset(skip)
+    batcher = _Batcher(rows_per_batch)
+    tail: list[dict[str, Any]] = []  # a shard-level error and the end marker
+    index = 0
+    fs, path = filesystem(shard.url, storage_options)
+    try:
+        if shard.format == "webdataset":
+            rows: Iterator[dict[str, Any]] = _read_webdataset(shard, fs, path)
+        elif shard.format == "parquet":
+            rows = _read_parquet(shard, fs, path, rows_per_batch)
+        elif shard.format == "images":
+            rows = _read_images(shard, fs, skip)
+        else:
+            raise AssertionError(f"unknown shard format {shard.format!r}")
+        for row in rows:
+            if index not in skip:
+                row["index"] = index
+                out = batcher.add(row)
+                if out is not None:
+                    yield out
+            index += 1
+    except FileNotFoundError:
+        if index not in skip:
+            tail.append(_shard_error(shard, index, "missing shard", f"{redact_url(shard.url)} does not exist"))
+        index += 1
+    except Exception as e:  # a broken shard: report the rest of it as one error row
+        if index not in skip:
+            detail = f"{type(e).__name__}: {e} (after {index} samples)"
+            tail.append(_shard_error(shard, index, "unreadable shard", detail))
+        index += 1
+    tail.append({"shard": shard.id, "index": -1, "total": index, "key": "", "source": shard.url})
+    batcher.buf.extend(tail)
+    out = batcher.flush()
+    assert out is not None, "end marker missing"
+    yield out
+
+
+def _shard_error(shard: Shard, index: int, kind: str, detail: str) -> dict[str, Any]:
+    return {
+        "shard": shard.id, "index": index, "total": -1, "key": f"{shard.id}/*", "source": shard.url,
+        "error": error_message(kind, detail), "stage": "read",
+    }
+
+
+def read_shard_batch(batch: pa.Table, storage_options: Mapping[str, Any] | None = None,
+                     rows_per_batch: int = 64) -> Iterator[pa.Table]:
+    """Ray Data read stage: rows of (`shard` JSON, `skip` indices) -> sample tables (a generator)."""
+    for spec, skip in zip(batch.column("shard").to_pylist(), batch.column("skip").to_pylist()):
+        yield from read_shard(Shard.from_json(spec), storage_options, skip=skip or (), rows_per_batch=rows_per_batch)
+
+
+__all__ = [
+    "FORMATS", "InputPlan", "Shard", "expand_braces", "read_shard", "read_shard_batch", "resolve_inputs",
+    # re-exported from pipelines.storage
+    "effective_storage_options", "filesystem", "redact_options", "redact_url",
+]

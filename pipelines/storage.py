@@ -1,0 +1,80 @@
+"""Storage access for the pipelines: fsspec filesystems, credentials, and keeping secrets out of logs.
+
+Owns: storage options for a URL (explicit ones over the standard AWS environment variables, copied so
+that tasks on other nodes reach the same bucket), redacting options and URLs before they are logged
+or stored, and resolving a URL to (filesystem, path). Does not own: what is read or written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.core import url_to_fs
+
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+# Storage options ----------------------------------------------------------------------------------
+def effective_storage_options(url: str, explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Storage options for `url`: the explicit ones over what the standard AWS variables say.
+
+    The driver's environment is copied into the options so that tasks on other nodes (which do not
+    share the driver's environment) reach the same bucket with the same credentials.
+    """
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("file", "local"):
+        return {}  # options are for remote stores; the local filesystem takes none
+    opts: dict[str, Any] = dict(explicit or {})
+    if protocol not in ("s3", "s3a"):
+        return opts
+    env = os.environ
+    if "key" not in opts and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        opts["key"] = env["AWS_ACCESS_KEY_ID"]
+        opts["secret"] = env["AWS_SECRET_ACCESS_KEY"]
+        if env.get("AWS_SESSION_TOKEN"):
+            opts["token"] = env["AWS_SESSION_TOKEN"]
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    client_kwargs = dict(opts.get("client_kwargs") or {})
+    if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
+        opts["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region and "region_name" not in client_kwargs:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    # Listings must be fresh: markers and staged pieces appear while we run.
+    opts.setdefault("use_listings_cache", False)
+    return opts
+
+
+def redact_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy safe to log or store: values of secret-looking keys replaced by '***'."""
+    out: dict[str, Any] = {}
+    for k, v in opts.items():
+        if isinstance(v, Mapping):
+            out[k] = redact_options(v)
+        elif any(word in k.lower() for word in _SECRET_WORDS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def redact_url(url: str) -> str:
+    """Drop any user:password@ part of a URL."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a URL."""
+    return url_to_fs(url, **dict(storage_options or {}))

@@ -1,0 +1,395 @@
+"""The tokenization pipeline: image corpus -> token dataset (DESIGN §2.2, §5), with Ray Data.
+
+    shards (from_items) -> read + decode (CPU tasks, fused) -> TokenizeBatch (actor pool)
+      -> write pieces (CPU tasks) -> driver: per-shard bookkeeping -> finalize (remote tasks)
+
+Owns: the job config, sizing the actor pool so decoding always has CPU, the driver loop that knows
+when a shard is complete, resume (skip finished shards, skip staged rows of unfinished ones), the
+manifest and the one-screen summary. Stage functions live in `sources`, `decode`, `encode`, `writer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipelines import writer
+from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_batch
+from pipelines.encode import TokenizeBatch
+from pipelines.model import TokenizerInfo, inspect_model, model_identity, resolve_model_spec
+from pipelines.report import build_manifest, summary_text
+from pipelines.schema import SCHEMA_VERSION, file_metadata
+from pipelines.sources import InputPlan, read_shard_batch, resolve_inputs
+from pipelines.storage import effective_storage_options, redact_url
+from pipelines.writer import OutputStore
+
+log = logging.getLogger(__name__)
+
+# Settings the stored tokens depend on; a re-run on the same DST must not change them.
+TOKEN_SETTINGS = ("schema_version", "checkpoint_id", "checkpoint_sha256", "max_tokens", "image_size",
+                  "max_pixels", "min_side", "files_per_shard")
+
+
+class IncompleteRunError(RuntimeError):
+    """The pipeline ended with shards unfinished; re-running the same command finishes them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    """One tokenization job. `storage_options` may hold secrets: it is never logged or stored."""
+
+    input: str
+    output: str
+    model: str | None = None
+    max_tokens: int | None = None
+    batch_size: int = 64
+    num_actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    files_per_shard: int = 1000
+    read_batch_rows: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "files_per_shard", "read_batch_rows", "max_pixels", "min_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_tokens", "num_actors"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if not self.input or not self.output:
+            raise ValueError("input and output must be given")
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    num_actors: int
+    cpus_per_actor: float  # what each actor reserves from Ray's scheduler
+    gpus_per_actor: float
+    num_threads: int  # torch CPU threads per actor
+
+
+def plan_actors(
+    cluster_cpus: float, cluster_gpus: float, *, largest_node_cpus: float | None = None,
+    num_actors: int | None = None, cpus_per_actor: float | None = None, gpus_per_actor: float | None = None,
+) -> ActorPlan:
+    """Size the encoder pool: one actor per GPU, or on CPU-only clusters half the CPUs.
+
+    Read/decode tasks must always find a CPU: a pool holding every CPU starves them and the job hangs.
+    Ray restarts the actors of a lost node elsewhere, so by default the pool reserves at most what
+    the cluster keeps after losing its largest node, minus one CPU (an actor then reserves a fraction
+    of the CPU its thread uses). An explicit `cpus_per_actor` is reserved as given.
+    """
+    if gpus_per_actor and cluster_gpus <= 0:
+        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} but the Ray cluster has no GPUs")
+    use_gpus = cluster_gpus > 0 and gpus_per_actor != 0
+    threads = max(1, math.ceil(cpus_per_actor or 1.0))
+    if use_gpus:
+        gpus = gpus_per_actor or 1.0
+        actors = num_actors or max(1, int(cluster_gpus // gpus))
+        if actors * gpus > cluster_gpus + 1e-9:
+            raise ValueError(f"--actors {actors} x --gpus-per-actor {gpus:g} exceeds the cluster's {cluster_gpus:g} GPUs")
+    else:
+        gpus = 0.0
+        actors = num_actors or max(1, int(cluster_cpus / 2 // threads))
+    if cpus_per_actor is not None:
+        cpus = cpus_per_actor
+    else:
+        multi_node = largest_node_cpus is not None and largest_node_cpus < cluster_cpus
+        survivable = cluster_cpus - largest_node_cpus if multi_node else cluster_cpus
+        cpus = min(float(threads), max(0.1, (survivable - 1) / actors))
+    if actors * cpus > cluster_cpus - 1 + 1e-9:
+        raise ValueError(
+            f"--actors {actors} x {cpus:g} CPUs leaves no CPU for reading and decoding on a cluster of "
+            f"{cluster_cpus:g} CPUs; use fewer actors or --cpus-per-actor below 1"
+        )
+    return ActorPlan(actors, round(cpus, 3), gpus, threads)
+
+
+@dataclass
+class TokenizeResult:
+    output: str
+    manifest: dict[str, Any]
+    nothing_to_do: bool = False
+    stats: str = ""  # Ray Data's execution statistics of this run (operators, times, rows)
+
+    def summary(self) -> str:
+        return summary_text(self.manifest, nothing_to_do=self.nothing_to_do)
+
+
+def ensure_ray() -> bool:
+    """Join RAY_ADDRESS's cluster (`ray job submit`), or the one this process runs, or start one."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local")
+    return True
+
+
+def _check_layout(plan: InputPlan, store: OutputStore) -> None:
+    """The output must not lie inside an input folder (a re-run would read its own output)."""
+    out = store.fs.unstrip_protocol(store.root).rstrip("/") + "/"
+    roots = {s.url if s.format == "images" else s.url.rsplit("/", 1)[0] for s in plan.shards}
+    if any(out.startswith(root.rstrip("/") + "/") for root in roots):
+        raise ValueError(f"--output {redact_url(store.url)} lies inside the input folder; choose another folder")
+
+
+def _token_settings(info: TokenizerInfo, cfg: TokenizeConfig, max_tokens: int, plan: InputPlan) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "input": redact_url(cfg.input),
+        "format": plan.format,
+        "checkpoint_id": info.checkpoint_id,
+        "checkpoint_sha256": info.checkpoint_sha256,
+        "max_tokens": max_tokens,
+        "image_size": info.image_size,
+        "max_pixels": cfg.max_pixels,
+        "min_side": cfg.min_side,
+        "files_per_shard": cfg.files_per_shard,
+    }
+
+
+def _same_model(before: Mapping[str, Any], checkpoint_id: str, sha256: str | None) -> bool:
+    """Same weights: equal sha256 when there is a file (its path may differ), else the same preset."""
+    if sha256 or before.get("checkpoint_sha256"):
+        return before.get("checkpoint_sha256") == sha256
+    return before.get("checkpoint_id") == checkpoint_id
+
+
+def _check_settings(store: OutputStore, settings: dict) -> None:
+    if not store.exists(writer.RUN_FILE):
+        return
+    before = store.read_json(writer.RUN_FILE)
+    if not _same_model(before, settings["checkpoint_id"], settings["checkpoint_sha256"]):
+        changed = ["checkpoint_sha256" if settings["checkpoint_sha256"] else "checkpoint_id"]
+    else:
+        changed = [k for k in TOKEN_SETTINGS if k not in ("checkpoint_id", "checkpoint_sha256")
+                   and before.get(k) != settings.get(k)]
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"{redact_url(store.url)} holds tokens made with {k}={before.get(k)!r}, not {settings.get(k)!r}; "
+            "use a new --output or delete the old one"
+        )
+
+
+def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> TokenizeResult:
+    """Tokenize `cfg.input` into `cfg.output`, resuming whatever an earlier run left unfinished."""
+    wall_start = time.perf_counter()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    opts_in = effective_storage_options(cfg.input, cfg.storage_options)
+    opts_out = effective_storage_options(cfg.output, cfg.storage_options)
+    plan = resolve_inputs(cfg.input, opts_in, files_per_shard=cfg.files_per_shard)
+    store = OutputStore(cfg.output, opts_out)
+    _check_layout(plan, store)
+    # A relative checkpoint path stays relative on a cluster (`ray job submit --working-dir`).
+    spec = resolve_model_spec(cfg.model, keep_relative=bool(os.environ.get("RAY_ADDRESS")))
+    markers = writer.load_markers(store)
+    done = {s.id for s in plan.shards if markers.get(s.id, {}).get("fingerprint") == s.fingerprint}
+    pending = [s for s in plan.shards if s.id not in done]
+    stale = sorted(set(markers) - {s.id for s in plan.shards})
+    if stale:
+        log.warning("%d finished shards in %s are not in the input any more (kept): %s",
+                    len(stale), redact_url(cfg.output), ", ".join(stale[:5]))
+    if not pending and store.exists(writer.MANIFEST) and store.exists(writer.RUN_FILE):
+        before = store.read_json(writer.RUN_FILE)
+        if _same_model(before, *model_identity(spec)) and cfg.max_tokens in (None, before.get("max_tokens")):
+            log.info("nothing to do: %s is complete (%d shards)", redact_url(cfg.output), len(plan.shards))
+            return TokenizeResult(cfg.output, store.read_json(writer.MANIFEST), nothing_to_do=True)
+
+    info = inspect_model(spec)
+    max_tokens = cfg.max_tokens or info.num_registers
+    if max_tokens > info.num_registers:
+        raise ValueError(f"--max-tokens {max_tokens} exceeds the model's {info.num_registers} tokens")
+    settings = _token_settings(info, cfg, max_tokens, plan)
+    _check_settings(store, settings)
+    started_ray = ensure_ray()
+
+    skip: dict[str, set[int]] = {}
+    for shard in pending:
+        if shard.id in markers:  # its input changed since it was done: redo it from scratch
+            writer.clear_unfinished(store, shard.id)
+            store.rm(f"{writer.STAGING_DIR}/{shard.id}", recursive=True)
+        else:  # possibly left by a killed run: part files go, staged rows are kept and skipped
+            store.rm(writer.part_name(shard.id))
+            store.rm(f"{writer.ERRORS_DIR}/{writer.part_name(shard.id)}")
+        skip[shard.id] = writer.staged_indices(store, shard.id)
+    if not store.exists(writer.RUN_FILE):
+        store.write_json(writer.RUN_FILE, settings)
+    store.rm(writer.MANIFEST)  # written again at the end: until then DST does not claim to be complete
+    resumed_rows = sum(len(v) for v in skip.values())
+    log.info(
+        "%s: %d shards (%s), %d already done, %d to do%s", redact_url(cfg.input), len(plan.shards), plan.format,
+        len(done), len(pending), f", {resumed_rows} samples already staged" if resumed_rows else "",
+    )
+
+    meta = file_metadata(
+        checkpoint_id=info.checkpoint_id, checkpoint_sha256=info.checkpoint_sha256,
+        codebook_size=info.codebook_size, fsq_levels=info.fsq_levels, max_tokens=max_tokens,
+        image_size=info.image_size,
+    )
+    run, stats = _execute(cfg, pending, skip, spec, info, max_tokens, meta, opts_in, opts_out, encoder_cls, markers)
+    store.rm(writer.STAGING_DIR, recursive=True)
+    final_markers = [markers[s.id] for s in plan.shards]
+    run.update(started=started, wall_time_s=round(time.perf_counter() - wall_start, 3), started_ray=started_ray,
+               shards_already_done=len(done))
+    # Through JSON so the returned manifest equals what a reader of _manifest.json gets.
+    manifest = json.loads(json.dumps(build_manifest(cfg, plan, info, max_tokens, final_markers, run, opts_in)))
+    store.write_json(writer.MANIFEST, manifest)
+    return TokenizeResult(cfg.output, manifest, stats=stats)
+
+
+class ShardTracker:
+    """Driver-side exactly-once bookkeeping: which indices of which shard are staged, and when a
+    shard is complete (every index 0..total-1 seen; duplicates from retried tasks count once).
+    Index sets are kept only while a shard is in flight, so memory follows the shards in flight."""
+
+    def __init__(self, staged: Mapping[str, set[int]]):
+        self.seen = {sid: set(indices) for sid, indices in staged.items()}
+        self.already = sum(len(v) for v in staged.values())
+        self.totals: dict[str, int] = {}
+        self.completed: list[str] = []
+        self.done_counts: dict[str, int] = {}
+
+    def update(self, record: Mapping[str, Any]) -> bool:
+        """Take one write-stage record; True when this record completes its shard."""
+        sid = record["shard"]
+        if sid not in self.seen:
+            raise AssertionError(f"record for unknown shard {sid}")
+        if sid in self.done_counts:
+            return False  # a late duplicate of a finished shard
+        self.seen[sid].update(record["indices"])
+        if record["total"] >= 0:
+            self.totals[sid] = record["total"]
+        if sid in self.totals and len(self.seen[sid]) >= self.totals[sid]:
+            assert max(self.seen[sid], default=-1) < self.totals[sid], f"shard {sid}: index beyond its total"
+            self.completed.append(sid)
+            self.done_counts[sid] = len(self.seen[sid])
+            self.seen[sid] = set()
+            return True
+        return False
+
+    @property
+    def processed(self) -> int:
+        """Distinct samples staged by this run."""
+        in_flight = sum(len(v) for sid, v in self.seen.items() if sid not in self.done_counts)
+        return sum(self.done_counts.values()) + in_flight - self.already
+
+    def unfinished(self) -> list[str]:
+        return [sid for sid in self.seen if sid not in self.done_counts]
+
+    def describe(self, sid: str) -> str:
+        return f"{sid} ({len(self.seen[sid])}/{self.totals.get(sid, '?')})"
+
+
+def build_dataset(
+    cfg: TokenizeConfig, pending: list, skip: Mapping[str, set[int]], spec: str, info: TokenizerInfo,
+    max_tokens: int, actors: ActorPlan, opts_in: Mapping[str, Any], opts_out: Mapping[str, Any],
+    encoder_cls: type = TokenizeBatch,
+):
+    """The lazy Ray Data pipeline: shards -> read+decode tasks -> encoder actors -> write tasks."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    items = [{"shard": s.to_json(), "skip": sorted(skip.get(s.id, ()))} for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                        fn_kwargs={"storage_options": dict(opts_in), "rows_per_batch": cfg.read_batch_rows})
+    ds = ds.map_batches(decode_batch, batch_size=None, batch_format="pyarrow", num_cpus=1,
+                        fn_kwargs={"image_size": info.image_size, "max_pixels": cfg.max_pixels,
+                                   "min_side": cfg.min_side})
+    # Blocks of about one encoder batch, so encoding starts while the rest of a shard decodes. The
+    # repartition also keeps Ray Data from fusing the decode tasks into the actors, where decoding
+    # would queue behind encoding instead of overlapping it.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    encode_args: dict[str, Any] = {"num_cpus": actors.cpus_per_actor}
+    if actors.gpus_per_actor:
+        encode_args["num_gpus"] = actors.gpus_per_actor
+    ds = ds.map_batches(
+        encoder_cls,
+        fn_constructor_kwargs={"model": spec, "max_tokens": max_tokens,
+                               "num_threads": None if actors.gpus_per_actor else actors.num_threads},
+        batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors.num_actors),
+        **encode_args,  # Ray Data restarts killed actors and retries their batches by default
+    )
+    # Writing a batch of token rows is light I/O. Reserving no CPU keeps it from waiting for a CPU
+    # budget that the read/decode tasks hold until the whole input is read; the pool size caps it.
+    return ds.map_batches(writer.write_pieces_batch, batch_size=None, batch_format="pyarrow", num_cpus=0,
+                          compute=TaskPoolStrategy(size=max(2, 2 * actors.num_actors)),
+                          fn_kwargs={"output": cfg.output, "storage_options": dict(opts_out)})
+
+
+def _execute(
+    cfg: TokenizeConfig, pending: list, skip: dict[str, set[int]], spec: str, info: TokenizerInfo,
+    max_tokens: int, meta: dict, opts_in: dict, opts_out: dict, encoder_cls: type, markers: dict,
+) -> tuple[dict[str, Any], str]:
+    """Run the Ray Data pipeline over the pending shards; fills `markers`; returns (run record, stats)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    actors = plan_actors(
+        resources.get("CPU", 0.0), resources.get("GPU", 0.0),
+        largest_node_cpus=max((n["Resources"].get("CPU", 0.0) for n in nodes), default=None),
+        num_actors=cfg.num_actors, cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor,
+    )
+    run: dict[str, Any] = {
+        "cluster": {"nodes": len(nodes), "cpus": resources.get("CPU", 0.0), "gpus": resources.get("GPU", 0.0)},
+        "actors": actors.num_actors, "cpus_per_actor": actors.cpus_per_actor,
+        "gpus_per_actor": actors.gpus_per_actor, "batch_size": cfg.batch_size,
+        "shards_processed": len(pending), "samples_processed": 0, "pipeline_time_s": 0.0, "images_per_s": 0.0,
+    }
+    if not pending:
+        return run, ""
+    log.info("encoder pool: %d actor(s) x (%g CPU reserved, %d thread(s), %g GPU), batch %d", actors.num_actors,
+             actors.cpus_per_actor, actors.num_threads, actors.gpus_per_actor, cfg.batch_size)
+    ds = build_dataset(cfg, pending, skip, spec, info, max_tokens, actors, opts_in, opts_out, encoder_cls)
+    by_id = {s.id: s for s in pending}
+    finalize = ray.remote(num_cpus=0, max_retries=3)(writer.finalize_shard_task)
+    tracker = ShardTracker(skip)
+    refs: dict[str, Any] = {}
+    start = time.perf_counter()
+    first_output = None  # seconds until the first rows were written: start-up (actors, model load)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if first_output is None:
+            first_output = time.perf_counter() - start
+        for record in batch.to_pylist():
+            if tracker.update(record):
+                sid = record["shard"]
+                refs[sid] = finalize.remote(cfg.output, opts_out, by_id[sid].to_json(), tracker.totals[sid], meta)
+    failed = []
+    for sid, ref in refs.items():
+        try:
+            markers[sid] = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            log.error("shard %s could not be finalized: %s", sid, str(e).strip().splitlines()[-1])
+            failed.append(sid)
+    elapsed = time.perf_counter() - start
+    unfinished = tracker.unfinished() + failed
+    if unfinished:
+        detail = ", ".join(tracker.describe(sid) for sid in unfinished[:5])
+        raise IncompleteRunError(f"{len(unfinished)} shards unfinished: {detail}; re-run the same command to finish")
+    run.update(samples_processed=tracker.processed, pipeline_time_s=round(elapsed, 3),
+               first_output_s=round(first_output or 0.0, 3),
+               images_per_s=round(tracker.processed / elapsed, 2) if elapsed > 0 else 0.0)
+    stats = ds.stats()
+    log.debug("ray data stats:\n%s", stats)
+    return run, stats

@@ -1,0 +1,266 @@
+"""The token dataset on storage (DESIGN §2.2): staged pieces, finished shards, markers, manifest.
+
+Layout under DST (everything but the part files and the manifest is hidden from Parquet readers by
+its leading underscore):
+
+    part-<shard id>.parquet          token rows of one input shard, sorted by position in the shard
+    _errors/part-<shard id>.parquet  error rows of that shard
+    _manifest.json                   written last, when every shard of the input is done
+    _state/run.json                  the settings the tokens depend on (a re-run must match them)
+    _state/done/<shard id>.json      completion marker: counts, histogram, files, input fingerprint
+    _state/staging/<shard id>/*.parquet   pieces written by the write stage, merged at completion
+
+Exactly once: pieces are named by the sample indices they hold, so a retried task rewrites the same
+piece; a shard is merged only when its indices 0..total-1 are all staged, duplicates dropped; its
+marker is written after its files. Nothing half-written is visible: local files are written under a
+hidden temporary name then renamed, object stores get one atomic PUT per file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipelines.schema import (
+    ENCODED_SCHEMA,
+    PIECE_SCHEMA,
+    error_kind,
+    error_rows,
+    token_rows,
+)
+from pipelines.sources import Shard, filesystem
+
+ERRORS_DIR = "_errors"
+MANIFEST = "_manifest.json"
+STATE_DIR = "_state"
+RUN_FILE = f"{STATE_DIR}/run.json"
+DONE_DIR = f"{STATE_DIR}/done"
+STAGING_DIR = f"{STATE_DIR}/staging"
+
+
+class IncompleteShardError(RuntimeError):
+    """A shard's staged rows do not cover 0..total-1 (a bug or lost work; a re-run redoes it)."""
+
+
+def part_name(shard_id: str) -> str:
+    return f"part-{shard_id}.parquet"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Deterministic Parquet bytes (same table -> same bytes)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+class OutputStore:
+    """DST on any fsspec filesystem, with atomic whole-file writes."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        self.fs, root = filesystem(self.url, storage_options)
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names of visible files directly in `rel` (none if it does not exist)."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=True)
+        except FileNotFoundError:
+            return []
+        names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") != "directory"]
+        return sorted(n for n in names if not n.startswith("."))
+
+    def rm(self, rel: str, recursive: bool = False) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(rel), recursive=recursive)
+
+    def invalidate(self) -> None:
+        self.fs.invalidate_cache()
+
+
+# Staging: the write stage -------------------------------------------------------------------------
+def piece_name(indices: np.ndarray) -> str:
+    """Named by the indices it holds: the same rows always land in the same file."""
+    digest = hashlib.sha1(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]
+    return f"{int(indices.min()):09d}-{int(indices.max()):09d}-{digest}.parquet"
+
+
+def write_pieces(batch: pa.Table, store: OutputStore) -> pa.Table:
+    """Stage the rows of an ENCODED_SCHEMA batch, one piece per shard; report them (PIECE_SCHEMA)."""
+    shards = batch.column("shard").to_numpy(zero_copy_only=False)
+    index = batch.column("index").to_numpy()
+    totals = batch.column("total").to_numpy()
+    has_error = pc.is_valid(batch.column("error")).to_numpy(zero_copy_only=False)
+    records: dict[str, list] = {name: [] for name in PIECE_SCHEMA.names}
+    for shard_id in sorted(set(shards.tolist())):
+        mask = shards == shard_id
+        rows = mask & (index >= 0)
+        ends = mask & (index < 0)
+        piece = None
+        if rows.any():
+            table = batch.filter(pa.array(rows)).sort_by("index")
+            indices = table.column("index").to_numpy()
+            piece = piece_name(indices)
+            store.write_bytes(f"{STAGING_DIR}/{shard_id}/{piece}", parquet_bytes(table.select(ENCODED_SCHEMA.names)))
+        records["shard"].append(shard_id)
+        records["piece"].append(piece)
+        records["indices"].append(index[rows].tolist())
+        records["total"].append(int(totals[ends].max()) if ends.any() else -1)
+        records["num_rows"].append(int((rows & ~has_error).sum()))
+        records["num_errors"].append(int((rows & has_error).sum()))
+    return pa.Table.from_pydict(records, schema=PIECE_SCHEMA)
+
+
+def write_pieces_batch(batch: pa.Table, *, output: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """Ray Data write stage (stateless): ENCODED_SCHEMA -> PIECE_SCHEMA records for the driver."""
+    return write_pieces(batch, OutputStore(output, storage_options))
+
+
+def staged_indices(store: OutputStore, shard_id: str) -> set[int]:
+    """Indices already staged for a shard by an earlier, interrupted run."""
+    done: set[int] = set()
+    for name in store.listdir(f"{STAGING_DIR}/{shard_id}"):
+        if name.endswith(".parquet"):
+            data = store.read_bytes(f"{STAGING_DIR}/{shard_id}/{name}")
+            done.update(pq.read_table(io.BytesIO(data), columns=["index"]).column("index").to_pylist())
+    return done
+
+
+# Completion ---------------------------------------------------------------------------------------
+def merge_staged(store: OutputStore, shard_id: str, total: int) -> pa.Table:
+    """All staged rows of a shard, sorted by index, each index once; raises if any is missing."""
+    tables = []
+    for name in store.listdir(f"{STAGING_DIR}/{shard_id}"):
+        if name.endswith(".parquet"):
+            data = store.read_bytes(f"{STAGING_DIR}/{shard_id}/{name}")
+            tables.append(pq.read_table(io.BytesIO(data), schema=ENCODED_SCHEMA))
+    table = pa.concat_tables(tables) if tables else ENCODED_SCHEMA.empty_table()
+    table = table.sort_by("index")
+    index = table.column("index").to_numpy()
+    if len(index):
+        first = np.concatenate([[True], index[1:] != index[:-1]])  # drop duplicates from retried tasks
+        table, index = table.filter(pa.array(first)), index[first]
+    if len(index) != total or (total and (index[0] != 0 or index[-1] != total - 1)):
+        raise IncompleteShardError(f"shard {shard_id}: staged {len(index)} of {total} samples")
+    return table
+
+
+def finalize_shard(
+    store: OutputStore, shard: Shard, total: int, metadata: Mapping[bytes, bytes]
+) -> dict[str, Any]:
+    """Merge a complete shard into its part files, then write its marker, then drop its staging."""
+    table = merge_staged(store, shard.id, total)
+    tokens = token_rows(table).replace_schema_metadata(dict(metadata))
+    errors = error_rows(table)
+    files = []
+    for rel, rows in ((part_name(shard.id), tokens), (f"{ERRORS_DIR}/{part_name(shard.id)}", errors)):
+        if rows.num_rows:
+            store.write_bytes(rel, parquet_bytes(rows))
+            files.append(rel)
+        else:
+            store.rm(rel)
+    lengths = Counter(tokens.column("num_tokens").to_pylist())
+    messages = errors.column("error").to_pylist()
+    marker = {
+        "shard": shard.id,
+        "source": shard.url,
+        "fingerprint": shard.fingerprint,
+        "inputs": total,
+        "rows": tokens.num_rows,
+        "errors": errors.num_rows,
+        "errors_by_kind": dict(Counter(error_kind(m) for m in messages)),
+        "errors_by_stage": dict(Counter(errors.column("stage").to_pylist())),
+        "token_length_histogram": {str(k): v for k, v in sorted(lengths.items())},
+        "files": files,
+    }
+    assert marker["rows"] + marker["errors"] == total, f"shard {shard.id}: rows + errors != inputs"
+    store.write_json(f"{DONE_DIR}/{shard.id}.json", marker)
+    store.rm(f"{STAGING_DIR}/{shard.id}", recursive=True)
+    return marker
+
+
+def finalize_shard_task(
+    output: str, storage_options: Mapping[str, Any] | None, shard_json: str, total: int,
+    metadata: Mapping[bytes, bytes],
+) -> dict[str, Any]:
+    """`finalize_shard` with plain arguments, for a remote task."""
+    return finalize_shard(OutputStore(output, storage_options), Shard.from_json(shard_json), total, metadata)
+
+
+def load_markers(store: OutputStore) -> dict[str, dict[str, Any]]:
+    """Completion markers by shard id (fetched concurrently on object stores)."""
+    paths = [store.path(f"{DONE_DIR}/{n}") for n in store.listdir(DONE_DIR) if n.endswith(".json")]
+    contents = store.fs.cat(paths) if paths else {}
+    markers = {}
+    for data in contents.values():
+        marker = json.loads(data)
+        markers[marker["shard"]] = marker
+    return markers
+
+
+def clear_unfinished(store: OutputStore, shard_id: str) -> None:
+    """Remove part files of a shard that has no valid marker (left by a killed merge or old input)."""
+    store.rm(part_name(shard_id))
+    store.rm(f"{ERRORS_DIR}/{part_name(shard_id)}")
+    store.rm(f"{DONE_DIR}/{shard_id}.json")
+
+
+# Totals -------------------------------------------------------------------------------------------
+def aggregate(markers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dataset-wide counts from shard markers."""
+    kinds: Counter = Counter()
+    stages: Counter = Counter()
+    lengths: Counter = Counter()
+    for m in markers:
+        kinds.update(m["errors_by_kind"])
+        stages.update(m["errors_by_stage"])
+        lengths.update({int(k): v for k, v in m["token_length_histogram"].items()})
+    counts = {
+        "inputs": sum(m["inputs"] for m in markers),
+        "rows": sum(m["rows"] for m in markers),
+        "errors": sum(m["errors"] for m in markers),
+        "errors_by_kind": dict(kinds.most_common()),
+        "errors_by_stage": dict(sorted(stages.items())),
+    }
+    return {"counts": counts, "token_length_histogram": {str(k): v for k, v in sorted(lengths.items())}}

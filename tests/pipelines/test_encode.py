@@ -1,0 +1,82 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipelines.encode import TokenizeBatch, pixels_to_array, tokens_column
+from pipelines.model import load_model, resolve_model_spec
+from pipelines.schema import DECODED_SCHEMA, ENCODED_SCHEMA
+
+
+def _decoded(images: list[np.ndarray | None]) -> pa.Table:
+    rows = []
+    for i, img in enumerate(images):
+        rows.append({
+            "shard": "s", "index": i, "total": -1, "key": f"s/{i}", "source": "u",
+            "pixels": None if img is None else img.tobytes(),
+            "error": None if img is not None else "not an image: x", "stage": None if img is not None else "decode",
+            "width": 40, "height": 30,
+        })
+    rows.append({"shard": "s", "index": -1, "total": len(images), "key": "", "source": "u"})
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_tokenize_batch_matches_the_model_and_keeps_error_rows(tiny_checkpoint):
+    stage = TokenizeBatch(str(tiny_checkpoint), num_threads=1)
+    images = _images(5)
+    batch = _decoded([images[0], None, images[1], images[2], None, images[3], images[4]])
+    out = stage(batch)
+    assert out.schema.equals(ENCODED_SCHEMA)
+    assert out.column("tokens").type == pa.list_(pa.uint16())
+    tokens = out.column("tokens").to_pylist()
+    assert [t is None for t in tokens] == [False, True, False, False, True, False, False, True]
+    assert out.column("error").to_pylist()[1] == "not an image: x"
+    model = load_model(str(tiny_checkpoint))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    expected = model.tokenize(x).tolist()
+    assert [t for t in tokens if t is not None] == expected
+    assert len({tuple(t) for t in expected}) > 1, "the test model should not map every image alike"
+    assert stage.num_encoded == 5
+
+
+def test_max_tokens_stores_prefixes(tiny_checkpoint):
+    full = TokenizeBatch(str(tiny_checkpoint))(_decoded(_images(3)))
+    short = TokenizeBatch(str(tiny_checkpoint), max_tokens=4)(_decoded(_images(3)))
+    for a, b in zip(full.column("tokens").to_pylist()[:3], short.column("tokens").to_pylist()[:3]):
+        assert len(a) == 32 and b == a[:4]
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenizeBatch(str(tiny_checkpoint), max_tokens=33)
+
+
+def test_random_presets_are_identical_in_every_actor():
+    a = load_model(resolve_model_spec("tiny"))
+    b = load_model(resolve_model_spec("tiny"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resolve_model_spec_errors_and_paths(tmp_path, tiny_checkpoint):
+    with pytest.raises(FileNotFoundError, match="not a preset"):
+        resolve_model_spec(str(tmp_path / "missing.safetensors"))
+    assert resolve_model_spec(str(tiny_checkpoint)) == str(tiny_checkpoint.resolve())
+    assert resolve_model_spec(None) in ("tiny",) or resolve_model_spec(None).endswith(".safetensors")
+
+
+def test_pixels_to_array_is_zero_copy_and_handles_slices():
+    imgs = _images(4)
+    col = pa.array([im.tobytes() for im in imgs], pa.binary())
+    arr = pixels_to_array(col.slice(1, 2), 32)
+    assert arr.shape == (2, 32, 32, 3) and np.array_equal(arr[0], imgs[1]) and np.array_equal(arr[1], imgs[2])
+    chunked = pa.chunked_array([col.slice(0, 1), col.slice(3, 1)])
+    assert np.array_equal(pixels_to_array(chunked, 32)[1], imgs[3])
+
+
+def test_tokens_column_nulls_and_values():
+    ids = np.array([[1, 2], [3, 4]])
+    col = tokens_column(ids, np.array([True, False, True]))
+    assert col.to_pylist() == [[1, 2], None, [3, 4]]
+    assert col.type == pa.list_(pa.uint16())

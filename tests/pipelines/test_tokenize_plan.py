@@ -1,0 +1,76 @@
+"""The driver's pure parts: sizing the actor pool, exactly-once bookkeeping, the summary."""
+
+import pytest
+
+from pipelines.tokenize import ShardTracker, TokenizeConfig, plan_actors, summary_text
+
+
+def test_cpu_pool_always_leaves_cpu_for_decoding():
+    plan = plan_actors(2, 0, largest_node_cpus=2)
+    assert (plan.num_actors, plan.cpus_per_actor, plan.num_threads) == (1, 1.0, 1)
+    assert plan_actors(64, 0, cpus_per_actor=4).num_threads == 4
+    with pytest.raises(ValueError, match="leaves no CPU"):
+        plan_actors(2, 0, num_actors=2, cpus_per_actor=1)
+    fractional = plan_actors(2, 0, num_actors=2, cpus_per_actor=0.5)
+    assert fractional.num_actors == 2 and fractional.num_threads == 1
+
+
+def test_cpu_pool_survives_losing_the_largest_node():
+    # 2 nodes x 2 CPUs: 2 actors of one thread; if a node goes, Ray restarts its actor on the other
+    # node, and the pool must still leave that node a CPU for decoding.
+    plan = plan_actors(4, 0, largest_node_cpus=2)
+    assert plan.num_actors == 2 and plan.num_threads == 1
+    assert plan.num_actors * plan.cpus_per_actor <= 4 - 2 - 1
+    big = plan_actors(64, 0, largest_node_cpus=16)  # 4 nodes: losing one costs little
+    assert big.num_actors == 32 and big.cpus_per_actor == 1.0
+
+
+def test_gpu_pool_is_one_actor_per_gpu():
+    plan = plan_actors(32, 4, largest_node_cpus=32)
+    assert (plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor) == (4, 1.0, 1.0)
+    assert plan_actors(32, 4, gpus_per_actor=0.5).num_actors == 8
+    assert plan_actors(32, 4, gpus_per_actor=0).gpus_per_actor == 0  # forced CPU
+    with pytest.raises(ValueError, match="no GPUs"):
+        plan_actors(8, 0, gpus_per_actor=1)
+    with pytest.raises(ValueError, match="exceeds"):
+        plan_actors(8, 2, num_actors=3)
+
+
+def test_tracker_completes_each_shard_once_despite_duplicates():
+    t = ShardTracker({"a": {0}, "b": set()})
+    assert not t.update({"shard": "a", "indices": [1, 2], "total": -1})
+    assert not t.update({"shard": "a", "indices": [2], "total": 4})  # a retried batch
+    assert t.update({"shard": "a", "indices": [3], "total": -1})
+    assert not t.update({"shard": "a", "indices": [3], "total": -1})  # late duplicate: not twice
+    assert t.update({"shard": "b", "indices": [], "total": 0})  # an empty shard
+    assert t.completed == ["a", "b"] and t.unfinished() == [] and t.processed == 3
+
+
+def test_tracker_reports_unfinished_shards():
+    t = ShardTracker({"a": set()})
+    t.update({"shard": "a", "indices": [0], "total": 3})
+    assert t.unfinished() == ["a"] and t.describe("a") == "a (1/3)"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="batch_size"):
+        TokenizeConfig(input="a", output="b", batch_size=0)
+    with pytest.raises(ValueError, match="cpus_per_actor"):
+        TokenizeConfig(input="a", output="b", cpus_per_actor=0)
+    assert "secret" not in repr(TokenizeConfig(input="a", output="b", storage_options={"secret": "secret"}))
+
+
+def test_summary_fits_one_screen():
+    manifest = {
+        "output": "/tmp/out", "counts": {"inputs": 10, "rows": 8, "errors": 2,
+                                         "errors_by_kind": {"empty image": 1, "not an image": 1}},
+        "run": {"samples_processed": 10, "shards_processed": 2, "shards_already_done": 0, "pipeline_time_s": 2.0,
+                "images_per_s": 5.0, "wall_time_s": 9.0, "actors": 1, "cpus_per_actor": 1, "gpus_per_actor": 0,
+                "batch_size": 64, "cluster": {"nodes": 1, "cpus": 2, "gpus": 0}},
+        "model": {"checkpoint_id": "preset:tiny", "random_weights": True, "num_registers": 32, "codebook_size": 1000},
+        "settings": {"max_tokens": 32}, "inputs": {"num_shards": 2, "format": "webdataset", "url": "/tmp/in"},
+        "token_length_histogram": {"32": 8},
+    }
+    text = summary_text(manifest)
+    assert len(text.splitlines()) < 25
+    assert "5.0 images/s" in text and "empty image" in text and "RANDOM" in text
