@@ -1,0 +1,176 @@
+"""`flextok evaluate`: tokenizer, generator and train-classifier modes on real Fashion-MNIST shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from flextok import FlexTok, viz
+from flextok.checkpoint import read_metadata
+from flextok.classifier import Classifier, ClassifierConfig
+from flextok.evaluation import pow2_ks, reconstruction_metrics, reference_floor_fid
+from flextok.generator import Generator
+from flextok.gpt import GPTConfig
+from jobs import evaluate
+from pipelines.corpus import FASHION_MNIST_DIR, build_corpus
+
+pytestmark = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
+)
+K = 8
+FAST = ["--quiet", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """24 real test-split images in 2 shards, a tiny tokenizer, a class generator on it, a small judge."""
+    root = tmp_path_factory.mktemp("evaluate")
+    build_corpus("fashion-mnist", root / "corpus", split="test", limit=24, samples_per_shard=12)
+    torch.manual_seed(0)
+    tok = FlexTok.from_preset("tiny", num_registers=K, encoder_depth=1, decoder_depth=1, encoder_dim=64,
+                              decoder_dim=64).eval()
+    tok_path = tok.save_pretrained(root / "tokenizer.safetensors")
+    gen = Generator(GPTConfig.for_tokenizer(tok.config, depth=1, dim=32, num_heads=2, num_classes=10),
+                    tokenizer_id=str(tok_path), tokenizer_sha256=tok.checkpoint_sha256)
+    gen_path = gen.save_pretrained(root / "generator.safetensors")
+    judge = Classifier.from_config(ClassifierConfig(num_classes=10, widths=(8, 16), feature_dim=16))
+    judge_path = judge.save_pretrained(root / "judge.safetensors")
+    return {"root": root, "corpus": root / "corpus", "tokenizer": tok_path, "generator": gen_path, "judge": judge_path}
+
+
+def _run(argv: list) -> int:
+    return evaluate.main([str(a) for a in argv])
+
+
+def test_pow2_ks():
+    assert pow2_ks(32) == [1, 2, 4, 8, 16, 32]
+    assert pow2_ks(1) == [1]
+    assert pow2_ks(12) == [1, 2, 4, 8, 12]
+
+
+def test_reference_floor_is_small_for_real_images_and_none_when_too_few():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    floor = reference_floor_fid(features, 100)
+    assert 0 <= floor < 0.5  # vs 4.0 for the same set shifted by 1 in every dimension
+    assert reference_floor_fid(features[:3], 100) is None
+
+
+def test_mean_image_baseline_is_closed_form():
+    """Two images c ± δ have mean c: the baseline PSNR is 10 log10(4 / δ²) for each."""
+    tok = FlexTok.from_preset("tiny", num_registers=2, encoder_depth=1, decoder_depth=1, encoder_dim=64,
+                              decoder_dim=64).eval()
+    delta = 0.25
+    images = torch.stack([torch.full((3, 32, 32), 0.1 + delta), torch.full((3, 32, 32), 0.1 - delta)])
+    result = reconstruction_metrics(tok, images, [1, 2], steps=1, grid_images=1)
+    assert result.mean_image_psnr == pytest.approx(10 * torch.log10(torch.tensor(4 / delta**2)).item(), rel=1e-5)
+    assert result.grid.shape == (1, 3, 3, 32, 32)  # 1 row: original, k=1, k=2
+    assert len(result.psnr) == 2 and all(p > 0 for p in result.psnr)
+
+
+def test_evaluate_tokenizer_writes_numbers_plot_grid_and_report(setup, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = _run(["tokenizer", "--tokenizer", setup["tokenizer"], "--data", setup["corpus"], "--out", out,
+               "--max-images", 20, "--steps", 2, "--classifier", setup["judge"], "--grid-images", 4, *FAST])
+    assert rc == 0, capsys.readouterr().err
+    assert "evaluate tokenizer: PSNR" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 20
+    assert [r["k"] for r in metrics["per_k"]] == [1, 2, 4, 8]
+    for row in metrics["per_k"]:
+        assert 0 < row["mse"] < 4 and row["psnr"] == pytest.approx(row["psnr"])  # finite
+        assert 0.0 <= row["classifier_accuracy"] <= 1.0
+    assert 0.0 <= metrics["originals_classifier_accuracy"] <= 1.0
+    assert metrics["mean_image_psnr"] > 5  # Fashion-MNIST around its mean image: roughly 10 dB
+    grid = Image.open(out / "reconstructions.png")
+    assert grid.size == viz.grid_size(4, 1 + 4, 64, col_labels=True)
+    assert Image.open(out / "psnr_vs_k.png").format == "PNG"
+    assert (out / "accuracy_vs_k.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "| 8 |" in report and "![psnr_vs_k.png](psnr_vs_k.png)" in report
+
+
+def test_evaluate_generator_in_classifier_space(setup, tmp_path, capsys):
+    out = tmp_path / "gen"
+    rc = _run(["generator", "--generator", setup["generator"], "--data", setup["corpus"], "--out", out,
+               "--classifier", setup["judge"], "--num-samples", 12, "--tokens-list", "1,8", "--decoder-steps", 1,
+               "--grid-conditions", 3, *FAST])
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "in classifier space" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fid_feature_space"] == "classifier"
+    assert [r["k"] for r in metrics["per_k"]] == [1, 8]
+    for row in metrics["per_k"]:
+        assert row["fid"] >= 0 and 0.0 <= row["class_accuracy"] <= 1.0
+    assert metrics["reference_floor_fid"] >= 0
+    assert "not comparable with Inception" in (out / "report.md").read_text()
+    assert Image.open(out / "samples.png").size == viz.grid_size(3, 2, 64, row_labels=True, col_labels=True)
+
+
+@pytest.mark.slow
+def test_evaluate_generator_in_inception_space_from_a_converted_file(setup, tmp_path, capsys):
+    from flextok.inception import InceptionV3Features
+
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.safetensors"
+    save_file(InceptionV3Features().state_dict(), str(weights))  # what a user's .pth conversion holds
+    out = tmp_path / "gen"
+    rc = _run(["generator", "--generator", setup["generator"], "--data", setup["corpus"], "--out", out,
+               "--inception-weights", weights, "--num-samples", 4, "--max-images", 8, "--tokens-list", "2",
+               "--decoder-steps", 1, *FAST])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fid_feature_space"] == "inception-v3-pool3"
+    assert metrics["per_k"][0]["class_accuracy"] is None  # no judge given
+    assert "Inception-v3 pool3" in (out / "report.md").read_text()
+
+
+def test_train_classifier_writes_a_checkpoint_and_reports_accuracy(setup, tmp_path, capsys):
+    out = tmp_path / "judge.safetensors"
+    rc = _run(["train-classifier", "--data", setup["corpus"], "--out", out, "--epochs", 1, "--widths", "8,16",
+               "--val-fraction", 0.25, "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert "held-out accuracy" in capsys.readouterr().out
+    md = read_metadata(out)
+    assert md["kind"] == "Classifier" and int(md["held_out_images"]) == 6 and int(md["train_images"]) == 18
+    model = Classifier.from_pretrained(out)
+    assert model.class_names[0] == "T-shirt/top"  # from the corpus's dataset.json
+
+
+@pytest.mark.slow
+def test_train_classifier_learns_fashion_mnist(tmp_path, capsys):
+    build_corpus("fashion-mnist", tmp_path / "train", split="train", limit=3000)
+    build_corpus("fashion-mnist", tmp_path / "test", split="test", limit=500)
+    out = tmp_path / "judge.safetensors"
+    assert _run(["train-classifier", "--data", tmp_path / "train", "--val-data", tmp_path / "test", "--out", out,
+                 "--epochs", 3, "--quiet"]) == 0
+    assert float(read_metadata(out)["held_out_accuracy"]) > 0.7  # chance is 0.10
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generator", "--generator", "{generator}", "--data", "{corpus}", "--out", "{tmp}"], "needs a feature network"),
+        (["generator", "--generator", "{generator}", "--data", "{corpus}", "--out", "{tmp}",
+          "--inception-weights", "{tmp}/pt_inception.pth"], "pickle-based"),
+        (["tokenizer", "--tokenizer", "{tokenizer}", "--data", "{tmp}/missing", "--out", "{tmp}"], "input not found"),
+        (["tokenizer", "--tokenizer", "{tmp}/none.safetensors", "--data", "{corpus}", "--out", "{tmp}"],
+         "no such checkpoint"),
+        (["tokenizer", "--tokenizer", "{tokenizer}", "--data", "{corpus}", "--out", "{tmp}", "--ks", "1,9"],
+         "exceeds the tokenizer's K = 8"),
+        (["generator", "--generator", "{judge}", "--data", "{corpus}", "--out", "{tmp}", "--classifier", "{judge}"],
+         "expected a 'Generator'"),
+    ],
+)
+def test_errors_are_one_line(setup, tmp_path, capsys, argv, message):
+    (tmp_path / "pt_inception.pth").write_bytes(b"\x80\x02}q\x00.")  # a pickle header
+    values = {k: str(v) for k, v in setup.items()} | {"tmp": str(tmp_path)}
+    assert _run([a.format(**values) for a in argv] + ["--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flextok evaluate: error: ") and message in err and err.count("\n") == 1

