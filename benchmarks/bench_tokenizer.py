@@ -61,7 +61,7 @@ def main() -> None:
             regs = model.decoder.embed_registers(torch.zeros(batch, c.num_registers, c.fsq.num_dims),
                                                  torch.full((batch,), c.num_registers))
             t = torch.full((batch,), 0.5)
-            dec_s = timeit(lambda m=model, x=latents, r=regs: m.decoder(x, t, r), args.repeats)
+            dec_s = timeit(lambda m=model, x=latents, r=regs, t=t: m.decoder(x, t, r), args.repeats)
         for part, secs, flops in (("encoder", enc_s, encoder_flops(c)), ("decoder step", dec_s, decoder_flops(c))):
             gflops = flops * batch / secs / 1e9
             print(f"| {name} | {part} | {batch} | {batch / secs:.1f} | {flops / 1e9:.3f} | {gflops:.0f} | {100 * gflops / peak:.0f}% |")
