@@ -217,7 +217,7 @@ def projection_rows(decode_s_256: float) -> list[str]:
             hours = {n: (1.28e6 / (per_gpu * n) / 3600, 100e6 / (per_gpu * n) / 3600) for n in (1, 8, 64)}
             rows.append(
                 f"| {preset} | {vae / 1e9:.0f} + {enc / 1e9:.0f} = {total / 1e9:.0f} | {gpu} | {per_gpu:.0f} | "
-                f"{cores:.1f} | " + " | ".join(f"{a:.2f} / {b:.0f}" for a, b in hours.values()) + " |"
+                f"{cores:.1f} | " + " | ".join(f"{a:.2g} / {b:.3g}" for a, b in hours.values()) + " |"
             )
     return rows
 

@@ -55,3 +55,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _float_in(text: str, ok, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value:g}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return _float_in(text, lambda v: v > 0, "a number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _float_in(text, lambda v: v >= 0, "a number >= 0")
+
+
+def probability(text: str) -> float:
+    return _float_in(text, lambda v: 0 < v <= 1, "a number in (0, 1]")

@@ -16,29 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.cli_util import positive_int, run_cli
+from jobs.cli_util import non_negative_float, positive_int, probability, run_cli
 
 log = logging.getLogger("jobs.sample")
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=3.0,
                    help="classifier-free guidance on the logits; 1 = none (plain conditional sampling), "
                    "0 = unconditional (default %(default)s)")
-    p.add_argument("--temperature", type=_non_negative, default=1.0, help="sampling temperature; 0 = greedy (default %(default)s)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature; 0 = greedy (default %(default)s)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling: smallest token set with this mass")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling: smallest token set with this mass")
     p.add_argument("--seed", type=int, default=0, help="seed of token sampling and decoder noise (default %(default)s)")
     p.add_argument("--decoder-steps", type=positive_int, default=25, help="Euler steps of the tokenizer's flow decoder (default %(default)s)")
     p.add_argument("--decoder-guidance", type=float, default=1.0,

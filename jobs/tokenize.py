@@ -11,29 +11,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jobs.cli_util import json_arg, positive_int, run_cli
+from jobs.cli_util import json_arg, non_negative_float, positive_float, positive_int, run_cli
 
 log = logging.getLogger("jobs.tokenize")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value:g}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value:g}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per encoder call")
     p.add_argument("--actors", type=positive_int, default=None, metavar="N",
                    help="encoder actors (default: one per GPU; on CPU half the cluster's CPUs)")
-    p.add_argument("--gpus-per-actor", type=_nonnegative_float, default=None, metavar="F",
+    p.add_argument("--gpus-per-actor", type=non_negative_float, default=None, metavar="F",
                    help="GPUs per encoder actor (default 1 when the cluster has GPUs; 0 forces CPU)")
-    p.add_argument("--cpus-per-actor", type=_positive_float, default=None, metavar="F",
+    p.add_argument("--cpus-per-actor", type=positive_float, default=None, metavar="F",
                    help="CPUs reserved per encoder actor; its torch threads are this rounded up. Default: "
                    "1 thread, reserving 1 CPU, or less on a multi-node CPU cluster so that losing a node "
                    "never leaves the decode tasks without a CPU")
