@@ -37,6 +37,7 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
     ctx = ray.init(
+        address="local",  # never join a Ray that happens to run on the machine
         num_cpus=RAY_TEST_CPUS,
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
