@@ -245,6 +245,9 @@ def main() -> None:
     corpus = write_corpus(images, work / "corpus", args.per_shard)
     sweep_corpus = write_corpus(images[: args.sweep_images], work / "sweep_corpus", args.per_shard)
     cpus = os.cpu_count() or 2
+    # Ray starts its workers at nice 15, while the serial contender runs at this process's priority:
+    # on a shared machine that alone would skew the comparison, so both run at the same niceness.
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     from pipelines.model import inspect_model
 
