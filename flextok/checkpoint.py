@@ -100,9 +100,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu"
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read (state_dict, metadata) from a safetensors file or a folder holding one."""
+    """Read (state_dict, metadata) from a safetensors file or a folder holding one.
+
+    Floating-point tensors are cast to `dtype` (fp32 by default: weights shipped in fp16 or bf16
+    compute in full precision; autocast lowers it where wanted); None keeps the stored dtypes.
+    """
     p = resolve_weights_path(path)
     _check_safetensors(p)
     try:
@@ -111,7 +115,26 @@ def load_checkpoint(
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
     except Exception as e:
         raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state, metadata
+
+
+def export_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype, extra: dict[str, Any] | None = None
+) -> Path:
+    """Copy a checkpoint with its floating-point weights cast to `dtype` (fp16 to ship small models).
+
+    Every metadata entry is kept (config, kind, provenance); `extra` adds or replaces entries, and the
+    source's sha256 is recorded as `exported_from_sha256`.
+    """
+    state, metadata = load_checkpoint(src, dtype=dtype)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{src}: not a {FORMAT} checkpoint (no config in its metadata)")
+    kept = {k: v for k, v in metadata.items() if k not in ("format", "format_version", "kind", "config")}
+    kept.update(extra or {})
+    kept["exported_from_sha256"] = file_sha256(src)
+    return save_checkpoint(dst, state, kind=metadata.get("kind", ""), config=json.loads(metadata["config"]), extra=kept)
 
 
 def config_from_metadata(metadata: dict[str, str], *, kind: str, path: Any = "") -> dict[str, Any]:

@@ -74,6 +74,8 @@ class ReconstructionResult:
     mean_image_psnr: float  # baseline: every image predicted by the mean image of the set
     accuracy: list[float | None] = field(default_factory=list)  # classifier agrees with the label, per k
     originals_accuracy: float | None = None
+    fid: list[float] = field(default_factory=list)  # reconstructions vs originals, per k (rFID)
+    feature_space: str | None = None  # of the FID: "inception" or "classifier"
     grid: torch.Tensor | None = None  # (R, 1 + len(ks), 3, H, W): original then each k
 
     def per_k(self) -> list[dict[str, Any]]:
@@ -82,6 +84,8 @@ class ReconstructionResult:
             row = {"k": k, "mse": self.mse[i], "psnr": self.psnr[i], "psnr_std": self.psnr_std[i]}
             if self.accuracy:
                 row["classifier_accuracy"] = self.accuracy[i]
+            if self.fid:
+                row["fid"] = self.fid[i]
             rows.append(row)
         return rows
 
@@ -99,12 +103,15 @@ def reconstruction_metrics(
     batch_size: int = 64,
     seed: int = 0,
     grid_images: int = 8,
+    feature_net: Any = None,
     progress: Progress | None = None,
 ) -> ReconstructionResult:
     """Tokenize `images` (N, 3, S, S) (uint8 or [-1, 1]) once, decode every prefix k, score.
 
     With a classifier and labels (N,) (-1 = unknown), also the fraction of originals and of
-    reconstructions at each k that the classifier assigns to the true label.
+    reconstructions at each k that the classifier assigns to the true label. With a `feature_net`
+    (`.features`, `.feature_space`), also the Fréchet distance between the features of the
+    reconstructions at each k and of the originals (rFID).
     """
     ks = sorted(set(int(k) for k in ks))
     K = tokenizer.config.num_registers
@@ -116,6 +123,7 @@ def reconstruction_metrics(
     device = tokenizer.device
     sq_err = {k: [] for k in ks}
     preds = {k: [] for k in ks}
+    feats: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     grid_rows: list[torch.Tensor] = []
     for b, start in enumerate(range(0, n, batch_size)):
         x = to_float_images(images[start : start + batch_size]).to(device)
@@ -128,6 +136,8 @@ def reconstruction_metrics(
             sq_err[k].append(mse_per_image(rec, x).cpu())
             if classifier is not None:
                 preds[k].append(predict(classifier, rec))
+            if feature_net is not None:
+                feats[k].append(extract_features(feature_net, rec, batch_size=batch_size))
             columns.append(rec[:keep].cpu())
         if keep:
             grid_rows.append(torch.stack(columns, dim=1))  # (keep, 1 + len(ks), 3, H, W)
@@ -150,6 +160,10 @@ def reconstruction_metrics(
         labels = torch.as_tensor(labels).long().cpu()
         result.originals_accuracy = _accuracy(predict(classifier, images), labels)
         result.accuracy = [_accuracy(torch.cat(preds[k]), labels) for k in ks]
+    if feature_net is not None:
+        reference = FeatureStats.of(extract_features(feature_net, images, batch_size=batch_size))
+        result.fid = [frechet_distance_stats(FeatureStats.of(torch.cat(feats[k])), reference) for k in ks]
+        result.feature_space = feature_net.feature_space
     return result
 
 

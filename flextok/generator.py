@@ -332,9 +332,10 @@ class Generator(nn.Module):
         return out
 
     # Checkpoints ---------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors checkpoint: weights, config JSON and provenance metadata."""
+    def save_pretrained(self, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+        """Write a safetensors checkpoint: weights, config JSON and provenance metadata (+ `extra`)."""
         extra = {
+            **(extra or {}),
             "tokenizer_id": self.tokenizer_id or "",
             "tokenizer_sha256": self.tokenizer_sha256 or "",
             "tokenizer_codebook_size": str(self.codebook_size),

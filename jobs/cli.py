@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-generator": ("jobs.train_generator", "train a class- or text-conditional generator (Ray Train)"),
     "sample": ("jobs.sample", "sample images from a generator"),
     "evaluate": ("jobs.evaluate", "evaluate a tokenizer (PSNR vs k) or a generator (FID, accuracy)"),
+    "export": ("jobs.export", "write a trained model as a small checkpoint to ship (fp16 by default)"),
     "quickstart": ("jobs.quickstart", "build a demo corpus, tokenize, train briefly, sample, report"),
 }
 

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenizer", help="reconstruction MSE/PSNR per k on a held-out corpus",
                        description="Tokenize held-out images, decode every prefix k = 1, 2, 4, ..., K, and report "
-                       "MSE and PSNR per k (plus class agreement with --classifier). Writes metrics.json, report.md, "
-                       "psnr_vs_k.png and reconstructions.png to --out.")
+                       "MSE and PSNR per k (plus class agreement and reconstruction FID with --classifier or "
+                       "--inception-weights). Writes metrics.json, report.md, psnr_vs_k.png and reconstructions.png "
+                       "to --out.")
     t.add_argument("--tokenizer", default=None, metavar="CKPT",
                    help="tokenizer checkpoint (default: the bundled one; a preset name means random weights)")
     t.add_argument("--data", required=True, metavar="SRC", help="held-out corpus: WebDataset shards, image folder or "
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--classifier", default=None, metavar="CKPT",
                    help="classifier checkpoint (from train-classifier): also report how often it gives originals "
                    "and reconstructions their true label")
+    t.add_argument("--inception-weights", default=None, metavar="FILE.safetensors",
+                   help="reconstruction FID in Inception-v3 space (see `flextok evaluate generator --help`); "
+                   "without it, rFID is computed in the --classifier's feature space when one is given")
     t.add_argument("--grid-images", type=positive_int, default=8, help="rows of the reconstruction grid (default %(default)s)")
     _common(t)
 
@@ -140,20 +144,6 @@ class Corpus:
     num_errors: int
 
 
-def _dataset_json_class_names(url: str, storage_options: dict | None) -> list[str] | None:
-    """class_names from the `dataset.json` that `flextok corpus` writes beside its shards."""
-    from pipelines.sources import filesystem
-
-    try:
-        fs, path = filesystem(url, storage_options)
-        folder = path.rstrip("/") if fs.isdir(path) else path.rsplit("/", 1)[0]
-        with fs.open(f"{folder}/dataset.json", "r") as f:
-            names = json.load(f).get("class_names")
-        return [str(n) for n in names] if isinstance(names, list) else None
-    except Exception:  # no dataset.json, or not ours: labels stay numeric
-        return None
-
-
 def read_corpus(url: str, image_size: int, *, max_images: int | None = None,
                 storage_options: dict | None = None) -> Corpus:
     """Decode up to `max_images` images of a corpus to uint8 (N, 3, S, S), with labels and captions."""
@@ -193,7 +183,7 @@ def read_corpus(url: str, image_size: int, *, max_images: int | None = None,
     if errors:
         log.warning("%s: %d samples could not be read or decoded and were skipped", url, errors)
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-    names = list(plan.class_names) or _dataset_json_class_names(url, opts)
+    names = list(plan.class_names) or None
     return Corpus(images=images, labels=torch.tensor(labels, dtype=torch.long), captions=captions, keys=keys,
                   class_names=names, num_errors=errors)
 
@@ -223,6 +213,27 @@ def _load_classifier(path: str | None, device: str):
     return Classifier.from_pretrained(path, device=device)
 
 
+def _feature_net(inception_weights: str | None, classifier, device: str):
+    """The FID feature network: Inception-v3 from local weights, else the judge classifier, else None."""
+    if inception_weights is not None:
+        from flextok.inception import InceptionV3Features
+
+        return InceptionV3Features.from_safetensors(inception_weights, device=device)
+    return classifier
+
+
+def _space_description(feature_net) -> str | None:
+    if feature_net is None:
+        return None
+    if feature_net.feature_space != "classifier":
+        return "Inception-v3 pool3 (2048-d)"
+    return f"the project classifier's features ({feature_net.feature_dim}-d); not comparable with Inception FIDs"
+
+
+def _fid_label(feature_space: str | None) -> str:
+    return "FID" if feature_space != "classifier" else "FID (classifier features)"
+
+
 def _describe_model(model) -> dict:
     return {"checkpoint_id": str(model.checkpoint_id), "checkpoint_sha256": model.checkpoint_sha256}
 
@@ -237,6 +248,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     device = _device(args.device)
     tokenizer = load_model(resolve_model_spec(args.tokenizer), device=device)
     classifier = _load_classifier(args.classifier, device)
+    feature_net = _feature_net(args.inception_weights, classifier, device)
     K = tokenizer.config.num_registers
     ks = sorted(set(args.ks)) if args.ks else pow2_ks(K)
     if ks[-1] > K:
@@ -249,7 +261,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     result = reconstruction_metrics(
         tokenizer, corpus.images, ks, labels=corpus.labels, classifier=classifier, steps=args.steps,
         guidance_scale=args.guidance, batch_size=args.batch_size, seed=args.seed, grid_images=args.grid_images,
-        progress=log.info,
+        feature_net=feature_net, progress=log.info,
     )
     seconds = time.perf_counter() - start
     out: Path = args.out
@@ -264,6 +276,8 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
         "per_k": result.per_k(),
         "classifier": _describe_model(classifier) if classifier is not None else None,
         "originals_classifier_accuracy": result.originals_accuracy,
+        "fid_feature_space": result.feature_space,
+        "fid_feature_space_description": _space_description(feature_net),
         "seconds": round(seconds, 1),
     }
     _write_json(out / "metrics.json", metrics)
@@ -276,6 +290,10 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
         viz.plot_vs_k(out / "accuracy_vs_k.png", result.ks, {"reconstructions": result.accuracy},
                       ylabel="classifier agrees with label", baselines=baselines, title="class kept vs tokens")
         pictures.append("accuracy_vs_k.png")
+    if result.fid:
+        viz.plot_vs_k(out / "rfid_vs_k.png", result.ks, {"rFID": result.fid}, ylabel=_fid_label(result.feature_space),
+                      title="reconstruction FID vs tokens (lower is better)")
+        pictures.append("rfid_vs_k.png")
     if result.grid is not None:
         viz.save_grid(out / "reconstructions.png", result.grid,
                       col_labels=["original"] + [f"k={k}" for k in result.ks])
@@ -300,12 +318,17 @@ def _write_tokenizer_report(path: Path, metrics: dict, result, pictures: list[st
     if metrics["classifier"]:
         lines.append(f"- classifier: `{metrics['classifier']['checkpoint_id']}`; agrees with the true label on "
                      f"{_fmt(result.originals_accuracy, 3)} of the originals")
+    if result.fid:
+        lines.append(f"- rFID (reconstructions at k vs the originals): {metrics['fid_feature_space_description']}")
     header = "| k | MSE | PSNR (dB) | PSNR std |" + (" class kept |" if result.accuracy else "")
-    lines += ["", header, "|---|---|---|---|" + ("---|" if result.accuracy else "")]
+    header += f" {_fid_label(result.feature_space)} |" if result.fid else ""
+    lines += ["", header, "|---|---|---|---|" + ("---|" if result.accuracy else "") + ("---|" if result.fid else "")]
     for row in result.per_k():
         line = f"| {row['k']} | {row['mse']:.4f} | {row['psnr']:.2f} | {row['psnr_std']:.2f} |"
         if result.accuracy:
             line += f" {_fmt(row['classifier_accuracy'], 3)} |"
+        if result.fid:
+            line += f" {row['fid']:.2f} |"
         lines.append(line)
     lines += [""] + [f"![{p}]({p})" for p in pictures] + [""]
     path.write_text("\n".join(lines))
@@ -337,12 +360,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
     tokenizer = load_model(resolve_tokenizer(generator, gen_path, args.tokenizer), device=device)
     generator.check_tokenizer(tokenizer.config)
     classifier = _load_classifier(args.classifier, device)
-    if args.inception_weights is not None:
-        from flextok.inception import InceptionV3Features
-
-        feature_net = InceptionV3Features.from_safetensors(args.inception_weights, device=device)
-    else:
-        feature_net = classifier
+    feature_net = _feature_net(args.inception_weights, classifier, device)
     ks = sorted(set(args.tokens_list)) if args.tokens_list else pow2_ks(generator.max_tokens)
     if ks[-1] > generator.max_tokens:
         raise ValueError(f"--tokens-list: {ks[-1]} exceeds the generator's K = {generator.max_tokens}")
@@ -391,8 +409,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    space = ("Inception-v3 pool3 (2048-d)" if result.feature_space != "classifier"
-             else f"the project classifier's features ({feature_net.feature_dim}-d); not comparable with Inception FIDs")
+    space = _space_description(feature_net)
     names = corpus.class_names
     metrics = {
         "kind": "generator",
@@ -411,7 +428,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 1),
     }
     _write_json(out / "metrics.json", metrics)
-    label = "FID" if result.feature_space != "classifier" else "FID (classifier features)"
+    label = _fid_label(result.feature_space)
     viz.plot_vs_k(out / "fid_vs_k.png", result.ks, {label: result.fid}, ylabel=label,
                   baselines={"real held-out images": result.reference_floor_fid} if result.reference_floor_fid else None,
                   title=f"{gen_path.name}: {n} samples per k")

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=positive_int, help="transformer blocks")
     g.add_argument("--dim", type=positive_int, help="model width")
     g.add_argument("--num-heads", type=positive_int, help="attention heads (dim / heads must be even)")
-    g.add_argument("--num-classes", type=positive_int, help="class count (default: largest label in DST + 1)")
+    g.add_argument("--num-classes", type=positive_int, help="class count (default: the corpus's named classes, else largest label in DST + 1)")
     g.add_argument("--text-encoder", default=None, help="frozen text encoder (default: the offline MiniLM)")
     g.add_argument("--max-text-tokens", type=positive_int, default=None,
                    help="captions are cut to this many encoder tokens (default 32)")
@@ -104,6 +104,7 @@ class GeneratorTask:
     tokenizer_id: str | None
     tokenizer_sha256: str | None
     tokenizer_path: str | None = None  # decodes grids; None = no grids
+    class_names: tuple[str, ...] = ()  # names of the labels, recorded in the checkpoint for `flextok sample`
     grid_conditions: int = 8
     grid_per_condition: int = 4
     grid_cfg: float = 3.0
@@ -151,7 +152,10 @@ class GeneratorTask:
         return batch["num_tokens"]
 
     def save_pretrained(self, model, path, *, step: int) -> None:
-        model.save_pretrained(path)
+        extra: dict[str, Any] = {"step": step}
+        if self.class_names:
+            extra["class_names"] = list(self.class_names)
+        model.save_pretrained(path, extra=extra)
 
     def _tokenizer(self, device):
         from flextok import FlexTok
@@ -169,7 +173,7 @@ class GeneratorTask:
             return None
         if self.config.cond == "class":
             conditions: list[Any] = list(range(min(self.config.num_classes, self.grid_conditions)))
-            labels = [f"class {c}" for c in conditions]
+            labels = [f"{c}: {self.class_names[c]}" if self.class_names else f"class {c}" for c in conditions]
         else:
             conditions = list(dict.fromkeys(batch["caption"]))[: self.grid_conditions]
             labels = list(conditions)
@@ -306,7 +310,9 @@ def generator_config(args: argparse.Namespace, data: TokenData):
     if args.cond == "class":
         if data.max_label is None and args.num_classes is None:
             raise ValueError(f"{args.tokens} has no class labels; use --cond text or tokens of a labelled corpus")
-        changes["num_classes"] = args.num_classes or data.max_label + 1
+        # The corpus's class names, when known, define the label space (a class may be absent here).
+        named = len(data.metadata.get("class_names") or ())
+        changes["num_classes"] = args.num_classes or max(named, data.max_label + 1 if data.max_label is not None else 0)
         if args.text_encoder or args.max_text_tokens:
             raise ValueError("--text-encoder and --max-text-tokens are for --cond text")
     else:
@@ -339,10 +345,16 @@ def _run(args: argparse.Namespace) -> int:
     if data.num_rows < cfg.batch_size:
         raise ValueError(f"{args.tokens} holds {data.num_rows} token rows, fewer than --batch-size {cfg.batch_size}")
     md = data.metadata
+    class_names = tuple(md.get("class_names") or ()) if args.cond == "class" else ()
+    if class_names and len(class_names) != config.num_classes:
+        log.warning("%d class names in the token metadata for %d classes: not recorded", len(class_names),
+                    config.num_classes)
+        class_names = ()
     task = GeneratorTask(
         config=config, tokenizer_id=md.get("checkpoint_id"), tokenizer_sha256=md.get("checkpoint_sha256"),
         tokenizer_path=resolve_grid_tokenizer(args.tokenizer, md), grid_conditions=args.grid_conditions,
         grid_per_condition=args.grid_per_condition, grid_cfg=args.grid_cfg, grid_steps=args.grid_steps,
+        class_names=class_names,
     )
 
     def datasets() -> dict:

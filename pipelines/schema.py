@@ -147,8 +147,12 @@ def file_metadata(
     fsq_levels: Sequence[int],
     max_tokens: int,
     image_size: int,
+    class_names: Sequence[str] = (),
 ) -> dict[bytes, bytes]:
-    """Key-value metadata stored in every token Parquet file (all values are strings)."""
+    """Key-value metadata stored in every token Parquet file (all values are strings).
+
+    `class_names` (the names of the `label` values, when the corpus has them) is stored as JSON.
+    """
     values = {
         "schema_version": SCHEMA_VERSION,
         "checkpoint_id": checkpoint_id,
@@ -158,6 +162,8 @@ def file_metadata(
         "max_tokens": str(int(max_tokens)),
         "image_size": str(int(image_size)),
     }
+    if class_names:
+        values["class_names"] = json.dumps([str(n) for n in class_names])
     return {(METADATA_PREFIX + k).encode(): v.encode() for k, v in values.items()}
 
 
@@ -170,7 +176,7 @@ def read_file_metadata(schema: pa.Schema) -> dict[str, Any]:
         if not key.startswith(METADATA_PREFIX):
             continue
         name, value = key[len(METADATA_PREFIX) :], v.decode()
-        if name == "fsq_levels":
+        if name in ("fsq_levels", "class_names"):
             out[name] = json.loads(value)
         elif name in ("codebook_size", "max_tokens", "image_size"):
             out[name] = int(value)

@@ -236,7 +236,19 @@ def resolve_inputs(
         root = image_root or posixpath.commonpath([posixpath.dirname(p) for p, _ in entries])
         shards, class_names = _image_shards(fs, root, entries, files_per_shard)
         return InputPlan(url=url, format=chosen, shards=tuple(shards), class_names=class_names)
-    return InputPlan(url=url, format=chosen, shards=tuple(_file_shards(fs, entries, chosen)))
+    folder = posixpath.dirname(entries[0][0])
+    return InputPlan(url=url, format=chosen, shards=tuple(_file_shards(fs, entries, chosen)),
+                     class_names=_dataset_json_class_names(fs, folder))
+
+
+def _dataset_json_class_names(fs, folder: str) -> tuple[str, ...]:
+    """`class_names` of the `dataset.json` that `flextok corpus` writes beside its shards, else ()."""
+    try:
+        with fs.open(f"{folder}/dataset.json", "r") as f:
+            names = json.load(f).get("class_names")
+    except (OSError, ValueError, AttributeError):  # none, unreadable, or not ours: labels stay numeric
+        return ()
+    return tuple(str(n) for n in names) if isinstance(names, list) else ()
 
 
 # Readers ------------------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
     meta = file_metadata(
         checkpoint_id=info.checkpoint_id, checkpoint_sha256=info.checkpoint_sha256,
         codebook_size=info.codebook_size, fsq_levels=info.fsq_levels, max_tokens=max_tokens,
-        image_size=info.image_size,
+        image_size=info.image_size, class_names=plan.class_names,
     )
     run, stats = _execute(cfg, pending, skip, spec, info, max_tokens, meta, opts_in, opts_out, encoder_cls, markers)
     store.rm(writer.STAGING_DIR, recursive=True)

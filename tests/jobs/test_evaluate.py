@@ -16,6 +16,7 @@ from flextok.classifier import Classifier, ClassifierConfig
 from flextok.evaluation import pow2_ks, reconstruction_metrics, reference_floor_fid
 from flextok.generator import Generator
 from flextok.gpt import GPTConfig
+from flextok.metrics import FeatureStats, frechet_distance_stats
 from jobs import evaluate
 from pipelines.corpus import FASHION_MNIST_DIR, build_corpus
 
@@ -85,12 +86,14 @@ def test_evaluate_tokenizer_writes_numbers_plot_grid_and_report(setup, tmp_path,
     for row in metrics["per_k"]:
         assert 0 < row["mse"] < 4 and row["psnr"] == pytest.approx(row["psnr"])  # finite
         assert 0.0 <= row["classifier_accuracy"] <= 1.0
+        assert row["fid"] > 0  # an untrained decoder's output is far from the originals in any feature space
+    assert metrics["fid_feature_space"] == "classifier" and "not comparable" in metrics["fid_feature_space_description"]
     assert 0.0 <= metrics["originals_classifier_accuracy"] <= 1.0
     assert metrics["mean_image_psnr"] > 5  # Fashion-MNIST around its mean image: roughly 10 dB
     grid = Image.open(out / "reconstructions.png")
     assert grid.size == viz.grid_size(4, 1 + 4, 64, col_labels=True)
     assert Image.open(out / "psnr_vs_k.png").format == "PNG"
-    assert (out / "accuracy_vs_k.png").is_file()
+    assert (out / "accuracy_vs_k.png").is_file() and (out / "rfid_vs_k.png").is_file()
     report = (out / "report.md").read_text()
     assert "| 8 |" in report and "![psnr_vs_k.png](psnr_vs_k.png)" in report
 
@@ -174,3 +177,29 @@ def test_errors_are_one_line(setup, tmp_path, capsys, argv, message):
     assert _run([a.format(**values) for a in argv] + ["--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("flextok evaluate: error: ") and message in err and err.count("\n") == 1
+
+
+def test_reconstruction_fid_per_k_in_the_given_feature_space():
+    """A feature network that sees only the mean colour of flat images: an untrained decoder does not
+    keep the colours, so every k gets a clearly positive rFID, while the originals against themselves
+    score 0."""
+
+    class MeanColour(torch.nn.Module):
+        feature_space = "classifier"
+
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def features(self, images):
+            return images.mean(dim=(2, 3))  # (B, 3)
+
+    tok = FlexTok.from_preset("tiny", num_registers=2, encoder_depth=1, decoder_depth=1, encoder_dim=64,
+                              decoder_dim=64).eval()
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(40, 3, 1, 1, generator=g) * 2 - 1).expand(40, 3, 32, 32).contiguous()
+    result = reconstruction_metrics(tok, images, [1, 2], steps=1, grid_images=0, feature_net=MeanColour())
+    assert result.feature_space == "classifier" and len(result.fid) == 2
+    assert all(f > 0.05 for f in result.fid)  # random decoder: colours do not survive
+    same = FeatureStats.of(MeanColour().features(images).double())
+    assert frechet_distance_stats(same, same) == pytest.approx(0.0, abs=1e-9) and min(result.fid) > 1e3 * 1e-9

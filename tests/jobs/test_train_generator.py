@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flextok import FlexTok
-from flextok.checkpoint import file_sha256
+from flextok.checkpoint import file_sha256, read_metadata
 from flextok.generator import Generator
 from jobs.train_common import TokenCollate, TrainConfig, Trainer
 from jobs.train_generator import (
@@ -23,7 +23,7 @@ from jobs.train_generator import (
     main,
     resolve_grid_tokenizer,
 )
-from pipelines.corpus import build_corpus
+from pipelines.corpus import FASHION_MNIST_CLASSES, build_corpus
 from pipelines.decode import decode_batch
 from pipelines.schema import TOKEN_SCHEMA, file_metadata
 from pipelines.sources import read_shard, resolve_inputs
@@ -43,10 +43,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def write_tokens(folder, table: pa.Table, tokenizer_id: str, sha: str | None, parts: int = 2) -> None:
+def write_tokens(folder, table: pa.Table, tokenizer_id: str, sha: str | None, parts: int = 2,
+                 class_names: tuple[str, ...] = ()) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     md = file_metadata(checkpoint_id=tokenizer_id, checkpoint_sha256=sha, codebook_size=1000,
-                       fsq_levels=(8, 5, 5, 5), max_tokens=32, image_size=32)
+                       fsq_levels=(8, 5, 5, 5), max_tokens=32, image_size=32, class_names=class_names)
     step = -(-table.num_rows // parts)
     for i in range(parts):
         piece = table.slice(i * step, step)
@@ -73,7 +74,8 @@ def token_data(tmp_path_factory):
         "num_tokens": pa.array(lengths, pa.uint16()), "label": decoded["label"], "caption": decoded["caption"],
         "source": decoded["source"], "width": decoded["width"], "height": decoded["height"],
     }, schema=TOKEN_SCHEMA)
-    write_tokens(root / "tokens", table, str(tok_path), file_sha256(tok_path))
+    assert len(plan.class_names) == 10  # from the corpus's dataset.json
+    write_tokens(root / "tokens", table, str(tok_path), file_sha256(tok_path), class_names=plan.class_names)
     return {"root": root, "tokens": root / "tokens", "tokenizer": tok_path, "table": table}
 
 
@@ -98,7 +100,9 @@ def test_config_comes_from_the_token_metadata_and_labels(token_data):
     args = build_parser().parse_args(["--tokens", str(token_data["tokens"]), "--output", "x", "--cond", "class", *SMALL])
     data = inspect_tokens(OutputStore(str(token_data["tokens"])))
     config = generator_config(args, data)
-    assert (config.codebook_size, config.max_tokens, config.num_classes, config.dim) == (1000, 32, data.max_label + 1, 64)
+    # 10 named classes in the metadata: the label space even if a class is missing from the rows
+    assert data.metadata["class_names"] == list(FASHION_MNIST_CLASSES)
+    assert (config.codebook_size, config.max_tokens, config.num_classes, config.dim) == (1000, 32, 10, 64)
     args = build_parser().parse_args(["--tokens", "t", "--output", "x", "--cond", "text", "--max-text-tokens", "8"])
     config = generator_config(args, data)
     assert config.cond == "text" and config.num_prefix_tokens == 8 and config.num_classes is None
@@ -174,7 +178,9 @@ def test_class_generator_on_two_gloo_ddp_workers(ray_local, token_data, tmp_path
     model = Generator.from_pretrained(run / "model.safetensors")
     assert model.tokenizer_sha256 == file_sha256(token_data["tokenizer"])
     assert model.tokenizer_id == str(token_data["tokenizer"])
-    assert model.config.num_classes == max(token_data["table"]["label"].to_pylist()) + 1
+    assert model.config.num_classes == 10  # the corpus's named classes, present in the tokens or not
+    recorded = read_metadata(run / "model.safetensors")
+    assert json.loads(recorded["class_names"]) == list(FASHION_MNIST_CLASSES) and json.loads(recorded["step"]) == 3
     assert [p.name for p in (run / "grids").iterdir()] == ["step_0000003.png"]  # decoded by the tokenizer file
     job = json.loads((run / "job.json").read_text())
     assert job["resources"]["num_workers"] == 2 and job["model"]["tokenizer_sha256"] == model.tokenizer_sha256

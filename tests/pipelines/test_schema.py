@@ -74,6 +74,18 @@ def test_parquet_round_trip_keeps_schema_and_metadata():
     assert list(frame["tokens"].iloc[0]) == [1, 2, 3]
 
 
+def test_class_names_travel_in_the_file_metadata():
+    names = ["T-shirt/top", "Trouser", "Ankle boot"]
+    meta = file_metadata(checkpoint_id="a.safetensors", checkpoint_sha256="ab" * 32, codebook_size=1000,
+                         fsq_levels=(8, 5, 5, 5), max_tokens=32, image_size=28, class_names=names)
+    table = token_rows(_encoded()).replace_schema_metadata(meta)
+    back = pq.read_table(io.BytesIO(parquet_bytes(table)))
+    assert read_file_metadata(back.schema)["class_names"] == names
+    without = file_metadata(checkpoint_id="a", checkpoint_sha256=None, codebook_size=1000, fsq_levels=(8, 5, 5, 5),
+                            max_tokens=32, image_size=28)
+    assert "class_names" not in read_file_metadata(pa.schema([], metadata=without))
+
+
 def test_parquet_bytes_are_deterministic():
     table = token_rows(_encoded())
     assert parquet_bytes(table) == parquet_bytes(table)

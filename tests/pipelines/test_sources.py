@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pipeline_helpers import jpeg_bytes, read_all
 
+from pipelines.corpus import FASHION_MNIST_CLASSES, build_corpus
 from pipelines.sources import (
     Shard,
     effective_storage_options,
@@ -174,3 +175,10 @@ def test_unreadable_file_in_image_folder_is_one_error_row(tmp_path, real_images)
     rows = read_all(plan.shards[0])
     assert rows[0]["error"] is None and rows[1]["error"].startswith("missing file")
     assert rows[0]["image"][:2] == b"\xff\xd8"
+
+
+def test_webdataset_plan_takes_class_names_from_dataset_json(tmp_path):
+    build_corpus("fashion-mnist", tmp_path / "fm", limit=4, samples_per_shard=4)
+    assert resolve_inputs(str(tmp_path / "fm")).class_names == FASHION_MNIST_CLASSES
+    (tmp_path / "fm" / "dataset.json").write_text("not json")  # a foreign or broken file: names stay unknown
+    assert resolve_inputs(str(tmp_path / "fm" / "*.tar")).class_names == ()
