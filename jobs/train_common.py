@@ -145,7 +145,7 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW (default %(default)s)")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
                    help="cosine decay ends at lr * this (default %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps, at most half of --max-steps (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay on matrices, not on biases/norms (default %(default)s)")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global grad norm, 0 = off (default %(default)s)")
@@ -188,11 +188,16 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # Optimisation -------------------------------------------------------------------------------------
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of update `step` (0-based): linear warm-up to `lr`, cosine to `lr * min_lr_ratio`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """Learning rate of update `step` (0-based): linear warm-up to `lr`, cosine to `lr * min_lr_ratio`.
+
+    The warm-up takes at most half of the run, so a short run (a smoke test, the quickstart) still
+    trains at its peak rate for a while instead of never reaching it.
+    """
+    warmup = min(cfg.warmup_steps, cfg.max_steps // 2)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     min_lr = cfg.lr * cfg.min_lr_ratio
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 

@@ -63,6 +63,14 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert lr_at(0, cfg.replace(warmup_steps=0)) == pytest.approx(1e-3)
 
 
+@given(max_steps=st.integers(2, 400), warmup=st.integers(0, 1000))
+def test_every_run_reaches_its_peak_rate(max_steps, warmup):
+    """However long the warm-up asked for, a run of any length trains at the peak lr at some step."""
+    cfg = TrainConfig(max_steps=max_steps, warmup_steps=warmup, lr=1e-3)
+    lrs = [lr_at(s, cfg) for s in range(max_steps)]
+    assert max(lrs) == pytest.approx(1e-3) and all(0 < x <= 1e-3 * (1 + 1e-9) for x in lrs)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [({"batch_size": 10, "num_workers": 3}, "split evenly"), ({"max_steps": 0}, "max_steps"),

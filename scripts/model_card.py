@@ -1,0 +1,132 @@
+"""Write the model card (Markdown) of a shipped checkpoint from the files its jobs left behind.
+
+    python scripts/model_card.py ASSET.safetensors --run RUN --eval EVAL_DIR [--eval EVAL_DIR ...]
+        --data "..." --command-file CMDS.txt [--note "..."]
+
+Reads ASSET's metadata (kind, config, provenance), RUN/train_summary.json and RUN/job.json (steps,
+images or tokens seen, wall time, training settings) and each EVAL_DIR/metrics.json written by
+`flextok evaluate`, and writes ASSET with the suffix .md beside it. The card carries ASSET's sha256,
+so `tests/flextok/test_shipped_models.py` notices a card that no longer matches its file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flextok.checkpoint import file_sha256, read_metadata
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def tokenizer_section(metrics: dict) -> list[str]:
+    lines = [
+        f"Decoder: {metrics['steps']} Euler step(s), guidance {metrics['guidance']}, seed {metrics['seed']}; "
+        f"{metrics['num_images']} held-out images of `{Path(metrics['data']).name}`; mean-image PSNR baseline "
+        f"{_fmt(metrics['mean_image_psnr'])} dB.",
+    ]
+    if metrics.get("originals_classifier_accuracy") is not None:
+        lines.append(f"The judge classifier gives the originals their true label "
+                     f"{100 * metrics['originals_classifier_accuracy']:.1f}% of the time.")
+    if metrics.get("fid_feature_space_description"):
+        lines.append(f"rFID: reconstructions at k against the originals, in {metrics['fid_feature_space_description']}.")
+    rows = metrics["per_k"]
+    has_acc = any(r.get("classifier_accuracy") is not None for r in rows)
+    has_fid = any("fid" in r for r in rows)
+    header = "| k | PSNR (dB) | MSE |" + (" class kept |" if has_acc else "") + (" rFID |" if has_fid else "")
+    lines += ["", header, "|---|---|---|" + ("---|" if has_acc else "") + ("---|" if has_fid else "")]
+    for r in rows:
+        line = f"| {r['k']} | {r['psnr']:.2f} | {r['mse']:.4f} |"
+        if has_acc:
+            line += f" {100 * r['classifier_accuracy']:.1f}% |"
+        if has_fid:
+            line += f" {r['fid']:.2f} |"
+        lines.append(line)
+    return lines
+
+
+def generator_section(metrics: dict) -> list[str]:
+    s = metrics.get("sampling", {})
+    lines = [
+        f"Sampling: {json.dumps(s, sort_keys=True)}; {metrics.get('num_samples')} samples per k against "
+        f"`{Path(metrics['data']).name}`. FID feature space: {metrics.get('fid_feature_space_description')}.",
+    ]
+    if metrics.get("reference_floor_fid") is not None:
+        lines.append(f"FID floor (held-out images against other held-out images, same count): "
+                     f"{metrics['reference_floor_fid']:.2f}.")
+    if metrics.get("classifier_accuracy_on_reference") is not None:
+        lines.append(f"The judge classifier labels the real held-out images correctly "
+                     f"{100 * metrics['classifier_accuracy_on_reference']:.1f}% of the time.")
+    rows = metrics["per_k"]
+    has_acc = any(r.get("class_accuracy") is not None for r in rows)
+    lines += ["", "| k | FID |" + (" samples of the asked class |" if has_acc else ""),
+              "|---|---|" + ("---|" if has_acc else "")]
+    for r in rows:
+        line = f"| {r['k']} | {r['fid']:.2f} |"
+        if has_acc:
+            line += f" {100 * r['class_accuracy']:.1f}% |"
+        lines.append(line)
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("asset", type=Path)
+    p.add_argument("--run", type=Path, required=True, help="the training run folder")
+    p.add_argument("--eval", type=Path, action="append", default=[], help="a `flextok evaluate` report folder")
+    p.add_argument("--data", required=True, help="training data and split, in words")
+    p.add_argument("--command-file", type=Path, required=True, help="the exact commands, one per line")
+    p.add_argument("--note", action="append", default=[], help="a sentence for the notes section")
+    args = p.parse_args()
+
+    md = read_metadata(args.asset)
+    kind, config = md["kind"], json.loads(md["config"])
+    summary = json.loads((args.run / "train_summary.json").read_text())
+    job = json.loads((args.run / "job.json").read_text())
+    name = f"{args.asset.parent.name}/{args.asset.stem}"
+    lines = [
+        f"# {name} ({kind})", "",
+        f"- file: `{args.asset.name}`, {args.asset.stat().st_size / 1e6:.1f} MB, sha256 `{file_sha256(args.asset)}`",
+        f"- weights: {summary['num_parameters']:,} parameters, stored in fp16 (loaded as fp32)",
+        f"- data: {args.data}",
+        f"- training: {summary['step']} steps of batch {job['train']['batch_size']} "
+        f"({summary['items_seen']:,} {summary['item_name']}), {_duration(summary['train_seconds'])} of training "
+        f"on {summary['world_size']} {summary['device']} worker(s) (wall {_duration(summary['wall_seconds_this_run'])}), "
+        f"final loss {summary['loss']:.4f}",
+        f"- optimiser: AdamW lr {job['train']['lr']}, warm-up {job['train']['warmup_steps']}, cosine to "
+        f"{job['train']['min_lr_ratio']}x, weight decay {job['train']['weight_decay']}, EMA {job['train']['ema_decay']}, "
+        f"seed {job['train']['seed']}",
+    ]
+    if kind == "Generator":
+        lines.append(f"- tokenizer: sha256 `{md.get('tokenizer_sha256')}` (`tokenizer.safetensors` beside this file)")
+        if md.get("class_names"):
+            lines.append(f"- classes: {', '.join(json.loads(md['class_names']))}")
+        if md.get("text_encoder"):
+            lines.append(f"- text encoder (frozen, not in this file): `{md['text_encoder']}`")
+    lines += ["", "## Config", "", "```json", json.dumps(config, indent=1, sort_keys=True), "```", "",
+              "## Commands (from the repository root; `scripts/train_shipped_models.sh` runs them all)", "", "```bash",
+              args.command_file.read_text().strip(), "```"]
+    for folder in args.eval:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        lines += ["", f"## Evaluation: `{folder.name}` (`flextok evaluate {metrics['kind']}`)", ""]
+        lines += tokenizer_section(metrics) if metrics["kind"] == "tokenizer" else generator_section(metrics)
+        pictures = sorted(q.name for q in folder.glob("*.png"))
+        rel = Path("reports") / folder.name
+        lines += [""] + [f"![{q}]({rel / q})" for q in pictures]
+    if args.note:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
+    out = args.asset.with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    print(f"model card {out}")
+
+
+if __name__ == "__main__":
+    main()
