@@ -21,6 +21,7 @@ from flextok.checkpoint import (
     config_from_metadata,
     file_sha256,
     load_checkpoint,
+    read_metadata,
     resolve_weights_path,
     save_checkpoint,
 )
@@ -94,6 +95,14 @@ class FlexTok(nn.Module):
         model.checkpoint_id = str(path)
         model.checkpoint_sha256 = file_sha256(path)
         return model.to(device) if device is not None else model
+
+    @classmethod
+    def config_of(cls, path: str | os.PathLike) -> FlexTokConfig:
+        """A checkpoint's config: ours from its metadata alone; an official release from its tensors."""
+        metadata = read_metadata(path)
+        if metadata.get("kind") == KIND:
+            return FlexTokConfig.from_dict(config_from_metadata(metadata, kind=KIND, path=path))
+        return cls.from_pretrained(path).config
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor]) -> None:
         """Load every key exactly (names and shapes); a mismatch is an error listing the keys."""

@@ -175,6 +175,22 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="torch threads per worker (default: the node's CPUs shared by the workers)")
 
 
+def add_init_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help=f"fine-tune: start from this {what} checkpoint (a file every worker can read: local or a "
+                   "shared filesystem); its config is the architecture, so architecture flags are refused")
+
+
+def resolve_init(path: str | None) -> tuple[str | None, str | None]:
+    """`--init` -> (absolute path, sha256), or (None, None); one clear error when it is missing."""
+    if path is None:
+        return None, None
+    from flextok.checkpoint import file_sha256, resolve_weights_path
+
+    weights = resolve_weights_path(Path(path).expanduser()).resolve()
+    return str(weights), file_sha256(weights)
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,

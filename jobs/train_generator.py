@@ -15,6 +15,7 @@ samples decoded by that tokenizer (when it is a file: a random preset has nothin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from jobs.cli_util import positive_int, run_cli
 
 log = logging.getLogger("jobs.train_generator")
 
+DEFAULT_PRESET = "tiny"
 MAX_CACHED_CAPTIONS = 200_000  # per worker; beyond that captions are encoded batch by batch
 _TEXT_ENCODERS: dict[tuple[str, int, str], Any] = {}  # per process: (name, max_length, device) -> encoder
 _CAPTION_CACHE: dict[tuple[str, str], Any] = {}  # (encoder name, caption) -> states (n, E) on device
@@ -32,7 +34,7 @@ _TOKENIZERS: dict[tuple[str, str], Any] = {}  # (path, device) -> FlexTok for gr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.train_common import TrainConfig, add_train_args
+    from jobs.train_common import TrainConfig, add_init_arg, add_train_args
 
     p = argparse.ArgumentParser(
         prog="flextok train-generator",
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flextok.gpt import GPT_PRESETS
 
     g = p.add_argument_group("architecture (a preset, then any override)")
-    g.add_argument("--preset", choices=sorted(GPT_PRESETS), default="tiny", help="default %(default)s")
+    g.add_argument("--preset", choices=sorted(GPT_PRESETS), default=None, help=f"default {DEFAULT_PRESET}")
     g.add_argument("--depth", type=positive_int, help="transformer blocks")
     g.add_argument("--dim", type=positive_int, help="model width")
     g.add_argument("--num-heads", type=positive_int, help="attention heads (dim / heads must be even)")
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-cfg", type=float, default=3.0, help="CFG scale of grid samples (default %(default)s)")
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
     add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=2000, warmup_steps=100, weight_decay=0.05))
+    add_init_arg(p, "generator")
     return p
 
 
@@ -105,6 +108,8 @@ class GeneratorTask:
     tokenizer_sha256: str | None
     tokenizer_path: str | None = None  # decodes grids; None = no grids
     class_names: tuple[str, ...] = ()  # names of the labels, recorded in the checkpoint for `flextok sample`
+    init_path: str | None = None  # fine-tuning: the weights to start from
+    init_sha256: str | None = None
     grid_conditions: int = 8
     grid_per_condition: int = 4
     grid_cfg: float = 3.0
@@ -127,8 +132,11 @@ class GeneratorTask:
 
         encoder = self._encoder(device) if self.config.cond == "text" else None
         with torch.device(device):
-            return Generator(self.config, text_encoder=encoder, tokenizer_id=self.tokenizer_id,
-                             tokenizer_sha256=self.tokenizer_sha256)
+            model = Generator(self.config, text_encoder=encoder, tokenizer_id=self.tokenizer_id,
+                              tokenizer_sha256=self.tokenizer_sha256)
+        if self.init_path is not None:
+            model.load_state_dict(Generator.from_pretrained(self.init_path, device=device).state_dict(), strict=True)
+        return model
 
     def collate_fn(self):
         from jobs.train_common import TokenCollate
@@ -188,8 +196,11 @@ class GeneratorTask:
         return images.view(len(conditions), n, *images.shape[1:]), labels, None  # (R, n, 3, H, W)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "Generator", "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id,
-                "tokenizer_sha256": self.tokenizer_sha256}
+        described = {"kind": "Generator", "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id,
+                     "tokenizer_sha256": self.tokenizer_sha256}
+        if self.init_path is not None:
+            described.update(init=self.init_path, init_sha256=self.init_sha256)
+        return described
 
 
 # The token dataset --------------------------------------------------------------------------------
@@ -298,6 +309,34 @@ def resolve_grid_tokenizer(explicit: str | None, metadata: dict[str, Any]) -> st
     return str(resolve_weights_path(recorded))
 
 
+def init_config(args: argparse.Namespace, data: TokenData, init_path: str):
+    """With --init: the checkpoint's config (CFG dropout may change), checked against DST and --cond."""
+    from flextok.checkpoint import read_metadata
+    from flextok.gpt import GPTConfig
+
+    shaped = [flag for flag in ("preset", "depth", "dim", "num_heads", "num_classes", "text_encoder", "max_text_tokens")
+              if getattr(args, flag) is not None]
+    if shaped:
+        raise ValueError(f"--init takes the architecture from {init_path}; drop "
+                         + ", ".join("--" + f.replace("_", "-") for f in shaped))
+    md = read_metadata(init_path)
+    if md.get("kind") != "Generator":
+        raise ValueError(f"--init {init_path} holds a {md.get('kind')!r}, not a generator")
+    config = GPTConfig.from_dict(json.loads(md["config"]))
+    if config.cond != args.cond:
+        raise ValueError(f"--init {init_path} is {config.cond}-conditional; this run is --cond {args.cond}")
+    if (config.codebook_size, config.max_tokens) != (data.metadata["codebook_size"], data.metadata["max_tokens"]):
+        raise ValueError(f"--init {init_path} speaks {config.codebook_size} codes x K={config.max_tokens}; "
+                         f"{args.tokens} has {data.metadata['codebook_size']} x K={data.metadata['max_tokens']}")
+    recorded, tokens_sha = md.get("tokenizer_sha256") or None, data.metadata.get("checkpoint_sha256")
+    if recorded and tokens_sha and recorded != tokens_sha:
+        raise ValueError(f"--init {init_path} was trained on tokens of tokenizer {recorded[:12]}…, {args.tokens} "
+                         f"comes from {tokens_sha[:12]}…: its tokens mean other things")
+    if config.cond == "class" and data.max_label is not None and data.max_label >= config.num_classes:
+        raise ValueError(f"{args.tokens} has label {data.max_label}; --init {init_path} knows {config.num_classes} classes")
+    return config.replace(cond_dropout_prob=args.cond_dropout) if args.cond_dropout is not None else config
+
+
 def generator_config(args: argparse.Namespace, data: TokenData):
     from flextok.gpt import GPTConfig
 
@@ -322,13 +361,13 @@ def generator_config(args: argparse.Namespace, data: TokenData):
             raise ValueError("--num-classes is for --cond class")
         if args.text_encoder:
             changes["text_encoder"] = args.text_encoder
-            if args.text_encoder != GPTConfig.from_preset(args.preset, cond="text").text_encoder:
+            if args.text_encoder != GPTConfig.from_preset(args.preset or DEFAULT_PRESET, cond="text").text_encoder:
                 from flextok.text_encoder import load_text_encoder
 
                 changes["text_dim"] = load_text_encoder(args.text_encoder, max_length=1).dim
         if args.max_text_tokens:
             changes["num_prefix_tokens"] = args.max_text_tokens
-    return GPTConfig.from_preset(args.preset, **changes)
+    return GPTConfig.from_preset(args.preset or DEFAULT_PRESET, **changes)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -341,7 +380,8 @@ def _run(args: argparse.Namespace) -> int:
     if not store.exists(""):
         raise FileNotFoundError(f"--tokens {args.tokens} does not exist")
     data = inspect_tokens(store)
-    config = generator_config(args, data)
+    init_path, init_sha256 = tc.resolve_init(args.init)
+    config = init_config(args, data, init_path) if init_path else generator_config(args, data)
     if data.num_rows < cfg.batch_size:
         raise ValueError(f"{args.tokens} holds {data.num_rows} token rows, fewer than --batch-size {cfg.batch_size}")
     md = data.metadata
@@ -354,7 +394,7 @@ def _run(args: argparse.Namespace) -> int:
         config=config, tokenizer_id=md.get("checkpoint_id"), tokenizer_sha256=md.get("checkpoint_sha256"),
         tokenizer_path=resolve_grid_tokenizer(args.tokenizer, md), grid_conditions=args.grid_conditions,
         grid_per_condition=args.grid_per_condition, grid_cfg=args.grid_cfg, grid_steps=args.grid_steps,
-        class_names=class_names,
+        class_names=class_names, init_path=init_path, init_sha256=init_sha256,
     )
 
     def datasets() -> dict:

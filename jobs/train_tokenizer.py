@@ -25,6 +25,7 @@ from jobs.cli_util import positive_int, run_cli
 
 log = logging.getLogger("jobs.train_tokenizer")
 
+DEFAULT_PRESET = "tiny"
 # Architecture flags -> FlexTokConfig fields (None = keep the preset's value).
 ARCH_FLAGS = {
     "image_size": "image_size", "patch_size": "patch_size", "num_registers": "num_registers",
@@ -33,6 +34,8 @@ ARCH_FLAGS = {
     "time_sampling": "time_sampling", "uniform_time_fraction": "uniform_time_fraction",
     "cond_dropout": "cond_dropout_prob",
 }
+# The flags that only change how the model trains: allowed with --init (fine-tuning).
+TRAINING_FLAGS = ("nested_dropout", "time_sampling", "uniform_time_fraction", "cond_dropout")
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -43,7 +46,7 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.train_common import TrainConfig, add_train_args
+    from jobs.train_common import TrainConfig, add_init_arg, add_train_args
 
     p = argparse.ArgumentParser(
         prog="flextok train-tokenizer",
@@ -57,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     from flextok.config import NESTED_DROPOUT_MODES, TIME_SAMPLING_MODES, TOKENIZER_PRESETS
 
     g = p.add_argument_group("architecture (a preset, then any override)")
-    g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), default="tiny",
-                   help="architecture to start from (default %(default)s: 32px, K=32, 1,000 codes)")
+    g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), default=None,
+                   help=f"architecture to start from (default {DEFAULT_PRESET}: 32px, K=32, 1,000 codes)")
     g.add_argument("--image-size", type=positive_int, help="square image side in pixels")
     g.add_argument("--patch-size", type=positive_int, help="patch side in latent pixels")
     g.add_argument("--num-registers", type=positive_int, help="K, the most tokens per image")
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-images", type=positive_int, default=8, help="images per grid (default %(default)s)")
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps in grids (default %(default)s)")
     add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=1000, warmup_steps=100))
+    add_init_arg(p, "tokenizer (ours or an official FlexTok release)")
     return p
 
 
@@ -84,18 +88,24 @@ class TokenizerTask:
     """The tokenizer's hooks for `jobs.train_common` (shipped to every worker)."""
 
     config: Any  # FlexTokConfig
-    preset: str
+    preset: str | None
     grid_images: int = 8
     grid_steps: int = 25
     name: str = "tokenizer"
     item_name: str = "images"
     find_unused_parameters: bool = False  # mask and null tokens enter the graph through torch.where
+    init_path: str | None = None  # fine-tuning: the weights to start from
+    init_sha256: str | None = None
 
     def build_model(self, device):
         from flextok import FlexTok
 
         model = FlexTok.from_config(self.config, device)
-        model.checkpoint_id = f"preset:{self.preset}"
+        if self.init_path is not None:
+            model.load_state_dict_strict(FlexTok.from_pretrained(self.init_path, device=device).state_dict())
+            model.checkpoint_id = f"init:{self.init_path}"
+        else:
+            model.checkpoint_id = f"preset:{self.preset}"
         return model
 
     def collate_fn(self):
@@ -133,7 +143,10 @@ class TokenizerTask:
         return torch.cat([x[:, None], recs], dim=1), None, ["input"] + [f"k={k}" for k in ks]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict()}
+        described = {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict()}
+        if self.init_path is not None:
+            described.update(init=self.init_path, init_sha256=self.init_sha256)
+        return described
 
 
 def training_rows(batch):
@@ -163,11 +176,24 @@ def image_dataset(plan, storage_options: dict, image_size: int):
     return ds.map_batches(training_rows, batch_format="pyarrow")
 
 
-def model_config(args: argparse.Namespace):
+def model_config(args: argparse.Namespace, init_path: str | None = None):
+    """The preset with the architecture flags applied, or with --init the checkpoint's own config
+    (only the training-behaviour flags may change it then)."""
     from flextok.config import FSQConfig, get_preset
 
-    config = get_preset(args.preset)
-    changes = {field: getattr(args, flag) for flag, field in ARCH_FLAGS.items() if getattr(args, flag) is not None}
+    given = {flag for flag in ARCH_FLAGS if getattr(args, flag) is not None}
+    if init_path is not None:
+        from flextok import FlexTok
+
+        shaped = sorted(given - set(TRAINING_FLAGS)) + (["fsq_levels"] if args.fsq_levels is not None else [])
+        shaped += ["preset"] if args.preset is not None else []
+        if shaped:
+            raise ValueError(f"--init takes the architecture from {init_path}; drop "
+                             + ", ".join("--" + f.replace("_", "-") for f in shaped))
+        config = FlexTok.config_of(init_path)
+    else:
+        config = get_preset(args.preset or DEFAULT_PRESET)
+    changes = {ARCH_FLAGS[flag]: getattr(args, flag) for flag in given}
     if args.fsq_levels is not None:
         changes["fsq"] = FSQConfig(levels=args.fsq_levels)
     return config.replace(**changes) if changes else config
@@ -187,8 +213,11 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.sources import effective_storage_options, resolve_inputs
 
     cfg = tc.train_config_from_args(args)
-    config = model_config(args)
-    task = TokenizerTask(config=config, preset=args.preset, grid_images=args.grid_images, grid_steps=args.grid_steps)
+    init_path, init_sha256 = tc.resolve_init(args.init)
+    config = model_config(args, init_path)
+    task = TokenizerTask(config=config, preset=None if init_path else args.preset or DEFAULT_PRESET,
+                         grid_images=args.grid_images, grid_steps=args.grid_steps,
+                         init_path=init_path, init_sha256=init_sha256)
     data_options = effective_storage_options(args.data, args.storage_options)
     _check_output(args.data, args.output)
     plans = {}

@@ -19,6 +19,7 @@ from jobs.train_generator import (
     GeneratorTask,
     build_parser,
     generator_config,
+    init_config,
     inspect_tokens,
     main,
     resolve_grid_tokenizer,
@@ -134,6 +135,34 @@ def test_loss_falls_on_a_fixed_batch(cond, token_data):
         trainer.reseed(0)
         losses.append(trainer.train_step(batch)[0].item())
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+
+
+def test_init_fine_tunes_a_generator_of_the_same_tokenizer(token_data, tmp_path):
+    data = inspect_tokens(OutputStore(str(token_data["tokens"])))
+    args = build_parser().parse_args(["--tokens", "t", "--output", "x", "--cond", "class", *SMALL])
+    torch.manual_seed(3)
+    start = Generator(generator_config(args, data), tokenizer_id="t", tokenizer_sha256=data.metadata["checkpoint_sha256"])
+    path = str(start.save_pretrained(tmp_path / "start.safetensors"))
+
+    def init_args(*extra):
+        return build_parser().parse_args(["--tokens", str(token_data["tokens"]), "--output", "x", "--init", path,
+                                          "--cond", "class", *extra])
+
+    config = init_config(init_args("--cond-dropout", "0.2"), data, path)
+    assert config == start.config.replace(cond_dropout_prob=0.2)
+    task = GeneratorTask(config=config, tokenizer_id="t", tokenizer_sha256=None, init_path=path)
+    torch.manual_seed(4)
+    trainer = Trainer(task, TrainConfig(max_steps=2, warmup_steps=0, batch_size=8), torch.device("cpu"))
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="--init takes the architecture"):
+        init_config(init_args("--depth", "2"), data, path)
+    with pytest.raises(ValueError, match="class-conditional; this run is --cond text"):
+        init_config(build_parser().parse_args(["--tokens", "t", "--output", "x", "--init", path, "--cond", "text"]),
+                    data, path)
+    other = Generator(start.config, tokenizer_id="t", tokenizer_sha256="f" * 64).save_pretrained(tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match="its tokens mean other things"):
+        init_config(init_args(), data, str(other))
 
 
 def test_bad_inputs_are_one_line_errors(token_data, tmp_path, capsys):

@@ -80,9 +80,33 @@ def test_loss_falls_on_a_fixed_batch_of_real_images(real_batch):
     assert torch.equal(grid[:, 0], images[:2])
 
 
+def test_init_starts_from_the_checkpoint_and_keeps_its_architecture(real_batch, tmp_path):
+    torch.manual_seed(1)
+    start = FlexTok.from_config(tiny_task().config.replace(uniform_time_fraction=0.0))
+    path = start.save_pretrained(tmp_path / "start.safetensors")
+    args = build_parser().parse_args(["--data", "x", "--output", "y", "--init", str(path),
+                                      "--uniform-time-fraction", "0.7"])  # training behaviour may change
+    config = model_config(args, str(path))
+    assert config == start.config.replace(uniform_time_fraction=0.7)
+    task = TokenizerTask(config=config, preset=None, init_path=str(path), init_sha256=start.checkpoint_sha256)
+    torch.manual_seed(2)  # a different seed would give different random weights
+    trainer = Trainer(task, TrainConfig(max_steps=2, warmup_steps=0, batch_size=8), torch.device("cpu"))
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+        assert torch.equal(trainer.ema.model.state_dict()[name], tensor), name  # the EMA starts there too
+    assert task.describe()["init_sha256"] == start.checkpoint_sha256
+    trainer.train_step(task.prepare_batch(real_batch, torch.device("cpu")))
+    assert trainer.step == 1
+    for flags in (["--encoder-dim", "64"], ["--preset", "tiny"], ["--fsq-levels", "8,8"]):
+        args = build_parser().parse_args(["--data", "x", "--output", "y", "--init", str(path), *flags])
+        with pytest.raises(ValueError, match="--init takes the architecture"):
+            model_config(args, str(path))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--init", "/no/such/checkpoint.safetensors"], "checkpoint not found"),
         (["--encoder-dim", "40"], "not a multiple of head_dim"),
         (["--batch-size", "9", "--workers", "2"], "split evenly"),
     ],
