@@ -2,8 +2,9 @@
 
 Builds the emoji corpus from the OS packages, gets a tokenizer (the bundled one, else a brief
 training run), tokenizes the corpus with the Ray Data pipeline, gets a text-conditional generator
-(the bundled one if it was trained on that tokenizer, else a brief Ray Train run), samples a grid for
-8 prompts, makes a reconstruction grid over k, and writes a Markdown report.
+(the bundled one, fine-tuned briefly on these tokens with Ray Train when it was trained on that
+tokenizer; else a brief Ray Train run from scratch), samples a grid for 8 prompts, makes a
+reconstruction grid over k, and writes a Markdown report.
 
 Every stage is the real job run as a user would run it (`python -m jobs.<name>`), as a child process.
 Each Ray stage starts its own local Ray (or joins RAY_ADDRESS): sharing one local instance between
@@ -21,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.cli_util import positive_int, run_cli
+from jobs.cli_util import non_negative_int, positive_int, run_cli
 
 PROMPTS = (
     "grinning face", "red heart", "thumbs up", "fire",
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps when no tokenizer is bundled (default: %(default)s)")
     p.add_argument("--generator-steps", type=positive_int, default=300,
                    help="training steps when no generator is bundled (default: %(default)s)")
+    p.add_argument("--finetune-steps", type=non_negative_int, default=30,
+                   help="Ray Train fine-tuning steps of the bundled generator on the quickstart's tokens; 0 uses "
+                   "it as shipped (default: %(default)s)")
     p.add_argument("--limit", type=positive_int, help="use at most this many emoji (default: all 3,655)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
@@ -175,7 +179,15 @@ def run(args: argparse.Namespace) -> int:
     generator = Path(args.generator) if args.generator else _bundled("generator.safetensors")
     if generator is not None and not args.generator and _sha256_recorded(generator) != file_sha256(tokenizer):
         generator = None  # the bundled generator speaks another tokenizer's tokens
-    if generator is not None:
+    if generator is not None and not args.generator and args.finetune_steps:
+        stages.run(f"fine-tune the bundled text-conditional generator on these tokens ({args.finetune_steps} steps)",
+                   "jobs.train_generator", "--tokens", out / "tokens", "--output", out / "generator",
+                   "--cond", "text", "--init", generator, "--tokenizer", tokenizer, "--max-steps",
+                   args.finetune_steps, "--lr", "1e-4", "--warmup-steps", "0", "--grid-every", "0",
+                   "--seed", args.seed, *quiet)
+        generator_source = f"the bundled one (see its model card) fine-tuned here for {args.finetune_steps} steps"
+        generator = out / "generator"
+    elif generator is not None:
         stages.skip("generator", f"using {generator}")
         generator_source = "given" if args.generator else "bundled, see its model card"
     else:

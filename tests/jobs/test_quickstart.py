@@ -1,16 +1,24 @@
 """`flextok quickstart` end to end on a small slice of the emoji corpus (every stage is a real job)."""
 
+import json
+
 import pytest
 
-from jobs.quickstart import main
+from flextok.checkpoint import file_sha256
+from jobs.quickstart import ASSETS, main
 
 
 @pytest.mark.slow
 def test_quickstart_writes_a_report_with_its_pictures(tmp_path):
     out = tmp_path / "qs"
-    code = main(["--out", str(out), "--limit", "64", "--tokenizer-steps", "4", "--generator-steps", "4", "--quiet"])
+    code = main(["--out", str(out), "--limit", "64", "--finetune-steps", "3", "--quiet"])
     assert code == 0
     report = (out / "report.md").read_text()
+    # the shipped generator, fine-tuned with Ray Train on the quickstart's own tokens
+    assert "fine-tuned here for 3 steps" in report
+    job = json.loads((out / "generator" / "job.json").read_text())
+    assert job["model"]["init_sha256"] == file_sha256(ASSETS / "generator.safetensors")
+    assert json.loads((out / "generator" / "train_summary.json").read_text())["step"] == 3
     for picture in ("samples.png", "eval/reconstructions.png", "eval/psnr_vs_k.png"):
         assert (out / picture).stat().st_size > 1000, picture
         assert picture in report
