@@ -243,10 +243,12 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     from flextok import viz
     from flextok.evaluation import pow2_ks, reconstruction_metrics
     from pipelines.model import load_model, resolve_model_spec
+    from pipelines.storage import fetch_checkpoint
 
     start = time.perf_counter()
     device = _device(args.device)
-    tokenizer = load_model(resolve_model_spec(args.tokenizer), device=device)
+    tok_arg = fetch_checkpoint(args.tokenizer, args.storage_options) if args.tokenizer else None
+    tokenizer = load_model(resolve_model_spec(tok_arg), device=device)
     classifier = _load_classifier(args.classifier, device)
     feature_net = _feature_net(args.inception_weights, classifier, device)
     K = tokenizer.config.num_registers
@@ -350,14 +352,16 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
     from flextok.metrics import FeatureStats
     from flextok.sampling import find_generator_checkpoint, resolve_tokenizer
     from pipelines.model import load_model
+    from pipelines.storage import fetch_checkpoint
 
     start = time.perf_counter()
     device = _device(args.device)
     if args.inception_weights is None and args.classifier is None:
         raise ValueError("FID needs a feature network: pass --inception-weights FILE.safetensors or --classifier CKPT")
-    gen_path = find_generator_checkpoint(args.generator)
+    gen_path = find_generator_checkpoint(fetch_checkpoint(args.generator, args.storage_options))
     generator = Generator.from_pretrained(gen_path, device=device)
-    tokenizer = load_model(resolve_tokenizer(generator, gen_path, args.tokenizer), device=device)
+    tok_arg = fetch_checkpoint(args.tokenizer, args.storage_options) if args.tokenizer else None
+    tokenizer = load_model(resolve_tokenizer(generator, gen_path, tok_arg), device=device)
     generator.check_tokenizer(tokenizer.config)
     classifier = _load_classifier(args.classifier, device)
     feature_net = _feature_net(args.inception_weights, classifier, device)

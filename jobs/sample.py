@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.cli_util import non_negative_float, positive_int, probability, run_cli
+from jobs.cli_util import json_arg, non_negative_float, positive_int, probability, run_cli
 
 log = logging.getLogger("jobs.sample")
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as a grid PNG with one labelled row per condition.",
     )
     p.add_argument("--generator", required=True, metavar="RUN_OR_CKPT",
-                   help="a generator checkpoint (.safetensors) or a train-generator run folder (its final "
+                   help="a generator checkpoint (.safetensors) or a train-generator run folder, local or s3:// (its final "
                    "model.safetensors, else its newest checkpoint_<step>/)")
     p.add_argument("--tokenizer", default=None, metavar="CKPT",
                    help="tokenizer checkpoint that decodes the tokens (default: the one recorded in the generator "
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", default=None, metavar="NAMES",
                    help="names for the grid labels: a comma-separated list or a corpus dataset.json (default: "
                    "names recorded in the generator, else 'class N')")
+    p.add_argument("--storage-options", type=json_arg, default=None, metavar="JSON",
+                   help="fsspec options for an s3:// --generator or --tokenizer (e.g. an endpoint); AWS variables "
+                   "are used otherwise")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
@@ -160,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     from flextok.generator import Generator
     from flextok.sampling import find_generator_checkpoint, resolve_tokenizer, sample
     from pipelines.model import load_model
+    from pipelines.storage import fetch_checkpoint
 
     start = time.perf_counter()
     if args.out.suffix.lower() != ".png":
@@ -167,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.save_tokens is not None and args.save_tokens.suffix.lower() not in (".parquet", ".pq"):
         raise ValueError(f"--save-tokens {args.save_tokens} must be a .parquet file")
     device = _device(args.device)
-    gen_path = find_generator_checkpoint(args.generator)
+    gen_path = find_generator_checkpoint(fetch_checkpoint(args.generator, args.storage_options))
     metadata = read_metadata(gen_path)
     generator = Generator.from_pretrained(gen_path, device=device)
     is_class = generator.config.cond == "class"
@@ -190,7 +194,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.num_tokens > generator.max_tokens:
         raise ValueError(f"--num-tokens {args.num_tokens} exceeds this generator's K = {generator.max_tokens}")
 
-    tok_spec = resolve_tokenizer(generator, gen_path, args.tokenizer)
+    tok_arg = fetch_checkpoint(args.tokenizer, args.storage_options) if args.tokenizer else None
+    tok_spec = resolve_tokenizer(generator, gen_path, tok_arg)
     tokenizer = load_model(tok_spec, device=device)
     generator.check_tokenizer(tokenizer.config)
     log.info("generator %s (%s-conditional), tokenizer %s", gen_path, generator.config.cond, tokenizer.checkpoint_id)

@@ -78,3 +78,48 @@ def redact_url(url: str) -> str:
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for a URL."""
     return url_to_fs(url, **dict(storage_options or {}))
+
+
+# Remote checkpoints -------------------------------------------------------------------------------
+MODEL_FILE = "model.safetensors"
+
+
+def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None, *, cache_dir: str | None = None) -> str:
+    """A checkpoint file or run folder at any fsspec URL -> a local path the loaders can read.
+
+    Local paths come back unchanged (a folder stays a folder: the loaders pick its checkpoint). A
+    remote `.safetensors` file is downloaded; a remote run folder gives its `model.safetensors` when
+    finished, else the newest `checkpoint_*/model.safetensors`. Downloads are cached under
+    `cache_dir` (default `$XDG_CACHE_HOME/flextok/checkpoints`) by URL, size and ETag/mtime, and land
+    under a temporary name first, so an interrupted download is never taken for a checkpoint.
+    """
+    import hashlib
+    import posixpath
+
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("file", "local"):
+        return url
+    opts = effective_storage_options(url, storage_options)
+    fs, path = filesystem(url, opts)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {redact_url(url)}")
+    if fs.isdir(path):
+        top = f"{path}/{MODEL_FILE}"
+        if fs.exists(top):
+            path = top
+        else:
+            found = sorted(fs.glob(f"{path}/checkpoint_*/{MODEL_FILE}"))
+            if not found:
+                raise FileNotFoundError(f"no {MODEL_FILE} in run folder {redact_url(url)} or its checkpoints")
+            path = found[-1]
+    info = fs.info(path)
+    stamp = f"{protocol}://{path}|{info.get('size')}|{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
+    root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flextok", "checkpoints")
+    local = os.path.join(root, hashlib.sha256(stamp.encode()).hexdigest()[:24], posixpath.basename(path))
+    if not os.path.isfile(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.part-{os.getpid()}"
+        fs.get(path, tmp)
+        os.replace(tmp, local)
+    return local

@@ -38,3 +38,29 @@ wait $fm_tok
 wait $emoji_tok
 $FLEXTOK export "$RUNS/fm-tok" --out "$ASSETS/fashion-mnist/tokenizer.safetensors"
 $FLEXTOK export "$RUNS/emoji-tok" --out "$ASSETS/emoji/tokenizer.safetensors"
+
+# 3. The judge: a small CNN classifier on the Fashion-MNIST train split, the feature space of the
+#    generator's FID and the judge of "samples of the asked class" (also shipped, 0.2 MB).
+$FLEXTOK evaluate train-classifier --data "$RUNS/fm-train" --val-data "$RUNS/fm-test" --out "$RUNS/judge.safetensors" \
+  --epochs 3 --seed 0
+$FLEXTOK export "$RUNS/judge.safetensors" --out "$ASSETS/fashion-mnist/judge.safetensors"
+
+# 4. Token datasets, made by the Ray Data pipeline with the shipped (fp16) tokenizers, so that the
+#    generators record the sha256 of the files they ship beside.
+$FLEXTOK tokenize --input "$RUNS/fm-train" --output "$RUNS/fm-tokens" --model "$ASSETS/fashion-mnist/tokenizer.safetensors"
+$FLEXTOK tokenize --input "$RUNS/emoji-train" --output "$RUNS/emoji-tokens" --model "$ASSETS/emoji/tokenizer.safetensors"
+
+# 5. Generators: class-conditional on Fashion-MNIST (tiny GPT, 3.7 M parameters), text-conditional on
+#    the emoji names (width 192, 2.3 M parameters + the frozen offline MiniLM text encoder).
+$FLEXTOK train-generator --tokens "$RUNS/fm-tokens" --output "$RUNS/fm-gen" --cond class --preset tiny \
+  --max-steps 1600 --batch-size 64 --seed 0 --threads 1 --checkpoint-every 400 --grid-every 800 --log-every 50 \
+  > "$RUNS/logs/fm-gen.log" 2>&1 &
+fm_gen=$!
+$FLEXTOK train-generator --tokens "$RUNS/emoji-tokens" --output "$RUNS/emoji-gen" --cond text --preset tiny \
+  --dim 192 --num-heads 3 --max-steps 1000 --batch-size 64 --seed 0 --threads 1 --checkpoint-every 250 \
+  --grid-every 500 --log-every 50 > "$RUNS/logs/emoji-gen.log" 2>&1 &
+emoji_gen=$!
+wait $fm_gen
+wait $emoji_gen
+$FLEXTOK export "$RUNS/fm-gen" --out "$ASSETS/fashion-mnist/generator.safetensors"
+$FLEXTOK export "$RUNS/emoji-gen" --out "$ASSETS/emoji/generator.safetensors"

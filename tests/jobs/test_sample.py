@@ -180,3 +180,34 @@ def test_text_generator_samples_from_prompts(checkpoints, tmp_path, capsys):
     assert table.column("label").null_count == 4
     assert _run(["--generator", gen_path, "--labels", "1", "--num-tokens", 1, "--out", tmp_path / "h.png"]) == 2
     assert "text-conditional generator: use --prompts" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sample_from_a_run_folder_and_tokenizer_on_s3(checkpoints, s3_server, tmp_path, capsys, monkeypatch):
+    """A run still training on S3: the newest checkpoint is fetched (once: then from the cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bucket = s3_server.make_bucket("samplerun")
+    fs = s3_server.filesystem()
+    older = Generator.from_pretrained(checkpoints["generator"])
+    torch.manual_seed(5)
+    for p in older.parameters():  # a different older checkpoint: must not be the one used
+        p.data.normal_()
+    older_path = older.save_pretrained(tmp_path / "older.safetensors")
+    fs.put_file(str(older_path), f"{bucket}/run/checkpoint_00000001/model.safetensors")
+    fs.put_file(str(checkpoints["generator"]), f"{bucket}/run/checkpoint_00000002/model.safetensors")
+    fs.put_file(str(checkpoints["tokenizer"]), f"{bucket}/tok/tokenizer.safetensors")
+    argv = ["--generator", f"s3://{bucket}/run", "--tokenizer", f"s3://{bucket}/tok/tokenizer.safetensors",
+            "--labels", "1", "--num-tokens", 3, "--per-condition", 2,
+            "--storage-options", json.dumps(s3_server.storage_options), *FAST]
+    assert _run([*argv, "--out", tmp_path / "grid.png"]) == 0, capsys.readouterr().err
+    cached = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert {file_sha256(p) for p in cached} == {file_sha256(checkpoints["generator"]), file_sha256(checkpoints["tokenizer"])}
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+    assert _run([*argv, "--out", tmp_path / "again.png"]) == 0
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").rglob("*.safetensors"))] == mtimes
+    assert Image.open(tmp_path / "grid.png").size == Image.open(tmp_path / "again.png").size
+    bad = ["--generator", f"s3://{bucket}/nothing", "--labels", "1", "--num-tokens", 3, "--out", tmp_path / "x.png",
+           "--storage-options", json.dumps(s3_server.storage_options), "--quiet"]
+    assert _run(bad) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("flextok sample: error: checkpoint not found") and s3_server.secret not in "".join(err)
