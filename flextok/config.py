@@ -94,6 +94,10 @@ class FlexTokConfig:
     # Fraction of training flow times drawn uniformly instead of logit-normally: logit-normal rarely
     # samples t near 1, where the Euler sampler starts.
     uniform_time_fraction: float = 0.0
+    # Fraction of training examples at exactly t = 1 (pure noise). There the decoder's one Euler step
+    # is the mean reconstruction given the tokens (MSE-optimal, highest PSNR), so these examples train
+    # the tokens and the decoder as a plain regression autoencoder on top of the flow objective.
+    noise_time_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         fsq, vae = self.fsq, self.vae
@@ -120,6 +124,8 @@ class FlexTokConfig:
             raise ValueError("cond_dropout_prob must be in [0, 1)")
         if not 0.0 <= self.uniform_time_fraction <= 1.0:
             raise ValueError("uniform_time_fraction must be in [0, 1]")
+        if not 0.0 <= self.noise_time_fraction <= 1.0:
+            raise ValueError("noise_time_fraction must be in [0, 1]")
         if self.vae is not None and self.image_size % self.vae.downsample:
             raise ValueError(f"image_size {self.image_size} not divisible by VAE downsample")
 

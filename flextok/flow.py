@@ -37,10 +37,11 @@ def sample_time(
     *,
     mode: str = "logit_normal",
     uniform_fraction: float = 0.0,
+    noise_fraction: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """(B,) training times in (0, 1)."""
+    """(B,) training times in (0, 1), of which a `noise_fraction` share is exactly 1 (pure noise)."""
     if mode == "uniform":
         uniform_fraction = 1.0
     elif mode != "logit_normal":
@@ -51,6 +52,10 @@ def sample_time(
         u = torch.rand((batch_size,), generator=generator, device=generator.device if generator else device).to(device)
         pick = torch.rand((batch_size,), generator=generator, device=generator.device if generator else device).to(device)
         t = torch.where(pick < uniform_fraction, u, t)
+    if noise_fraction > 0:
+        gen_device = generator.device if generator is not None else device
+        at_noise = torch.rand((batch_size,), generator=generator, device=gen_device).to(device) < noise_fraction
+        t = torch.where(at_noise, torch.ones_like(t), t)
     return t
 
 

@@ -215,7 +215,8 @@ class FlexTok(nn.Module):
         drop = (torch.rand(B, generator=generator, device=gen_device) < c.cond_dropout_prob).to(latents.device)
         registers = self.decoder.embed_registers(codes, keep_k, drop)
         t = flow.sample_time(
-            B, mode=c.time_sampling, uniform_fraction=c.uniform_time_fraction, generator=generator, device=latents.device
+            B, mode=c.time_sampling, uniform_fraction=c.uniform_time_fraction, noise_fraction=c.noise_time_fraction,
+            generator=generator, device=latents.device,
         )
         noise = flow.randn(tuple(latents.shape), generator=generator, device=latents.device, dtype=latents.dtype)
         velocity = self.decoder(flow.add_noise(latents, noise, t), t, registers)

@@ -103,3 +103,31 @@ def test_time_sampling_is_in_range_and_seeded():
     ln = flow.sample_time(20000, generator=torch.Generator().manual_seed(1))
     mixed = flow.sample_time(20000, uniform_fraction=1.0, generator=torch.Generator().manual_seed(1))
     assert (ln > 0.95).float().mean() < 0.01 < (mixed > 0.95).float().mean()
+
+
+@settings(deadline=None, max_examples=20)
+@given(noise=st.sampled_from([0.0, 0.25, 0.5, 1.0]), mode=st.sampled_from(["logit_normal", "uniform"]))
+def test_a_noise_time_fraction_of_examples_sits_exactly_at_pure_noise(noise, mode):
+    g = torch.Generator().manual_seed(0)
+    t = flow.sample_time(20_000, mode=mode, uniform_fraction=0.3, noise_fraction=noise, generator=g)
+    share = (t == 1.0).double().mean().item()
+    assert abs(share - noise) < 0.015  # binomial std at n = 20,000 is <= 0.0036
+    assert bool(((t > 0) & (t <= 1)).all())
+    if noise < 1:  # the other examples keep their distribution: not pushed to t = 1
+        rest = t[t < 1]
+        assert 0.4 < rest.mean().item() < 0.6
+
+
+def test_noise_time_fraction_is_validated_and_round_trips():
+    from flextok import FlexTokConfig
+    from flextok.config import get_preset
+
+    config = get_preset("tiny").replace(noise_time_fraction=0.5)
+    assert FlexTokConfig.from_dict(config.to_dict()) == config
+    for bad in (-0.1, 1.5):
+        try:
+            get_preset("tiny").replace(noise_time_fraction=bad)
+        except ValueError as e:
+            assert "noise_time_fraction" in str(e)
+        else:
+            raise AssertionError(f"{bad} accepted")
