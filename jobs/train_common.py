@@ -63,6 +63,7 @@ JOB_FILE = "job.json"
 SUMMARY_FILE = "train_summary.json"
 TB_DIR = "tensorboard"
 GRID_DIR = "grids"
+VAL = "val"  # the held-out dataset's name: given whole to the main worker, never split or shuffled
 IGNORE_INDEX = -100  # padding of token batches; the generator's loss ignores it
 # Test-only fault injection: rank 0 dies (os._exit) once at this step; the marker file makes it once.
 CRASH_STEP_ENV = "FLEXTOK_TEST_CRASH_AT_STEP"
@@ -173,6 +174,13 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="CPUs reserved per worker (default: 1, less when the cluster must keep a CPU for data)")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per worker (default: the node's CPUs shared by the workers)")
+
+
+def add_val_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    p.add_argument(flag, default=None, metavar="SRC",
+                   help=f"held-out {what}: the EMA model's loss on them (fixed noise) is logged at every checkpoint")
+    p.add_argument("--val-items", type=positive_int, default=512,
+                   help="held-out rows used for the validation loss (default %(default)s)")
 
 
 def add_init_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -323,6 +331,7 @@ class Trainer:
         self.items_seen = 0
         self.train_seconds = 0.0
         self.last_loss: float | None = None
+        self.val_loss: float | None = None
         self.rng = torch.Generator(device=self.device)
         self.reseed(0)
 
@@ -355,7 +364,7 @@ class Trainer:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"optim.{k}": v for k, v in optimizer_tensors(self.optimizer, self.param_names).items()})
         state = {"step": self.step, "items_seen": self.items_seen, "train_seconds": round(self.train_seconds, 3),
-                 "loss": self.last_loss}
+                 "loss": self.last_loss, "val_loss": self.val_loss}
         save_checkpoint(folder / STATE_FILE, tensors, kind=STATE_KIND, config=self.cfg.to_dict(),
                         extra={"train_state": json.dumps(state), "task": json.dumps(self.task.describe())})
 
@@ -374,6 +383,7 @@ class Trainer:
         state = json.loads(metadata["train_state"])
         self.step, self.items_seen = int(state["step"]), int(state["items_seen"])
         self.train_seconds, self.last_loss = float(state["train_seconds"]), state["loss"]
+        self.val_loss = state.get("val_loss")
         if self.ema is not None:
             ema_state, _ = load_checkpoint(folder / MODEL_FILE)
             self.ema.model.load_state_dict(ema_state, strict=True)
@@ -454,6 +464,7 @@ class LoopSpec:
     quiet: bool = False
     crash_at_step: int | None = None  # test-only fault injection (CRASH_STEP_ENV)
     crash_marker: str | None = None
+    has_val: bool = False  # a "val" dataset: its loss is logged at every checkpoint
 
 
 def _store(url: str, storage_options: Mapping[str, Any] | None):
@@ -528,6 +539,26 @@ class _Monitor:
         )
         self.start_window()
 
+    def validate(self, shard) -> float | None:
+        """Mean loss of the EMA model over the held-out rows, with fixed noise: comparable across steps."""
+        t, task, cfg = self.trainer, self.spec.task, self.spec.train
+        start = time.perf_counter()
+        rng = torch.Generator(device=t.device).manual_seed(cfg.seed + 1)
+        total, weight = 0.0, 0
+        with torch.no_grad(), _autocast(t.device):
+            for batch in shard.iter_torch_batches(batch_size=cfg.worker_batch_size, collate_fn=task.collate_fn()):
+                batch = task.prepare_batch(batch, t.device)
+                n = task.num_items(batch)
+                total += float(task.loss(t.ema.model, batch, rng)) * n
+                weight += n
+        if not weight:
+            return None
+        value = total / weight
+        self.writer.add_scalar("val/loss", value, t.step)
+        log.info("%s step %d | val loss %.4f on %d held-out %s (%.1f s)", task.name, t.step, value, weight,
+                 task.item_name, time.perf_counter() - start)
+        return value
+
     def grid(self, reference: Any) -> None:
         t = self.trainer
         start = time.perf_counter()
@@ -599,6 +630,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     trainer.reseed(rank)
     monitor = _Monitor(spec, trainer) if rank == 0 else None
     batches = batch_stream(ray.train.get_dataset_shard("train"), task, cfg, cfg.seed * 7919 + trainer.step, cfg.use_gpu)
+    val_shard = ray.train.get_dataset_shard(VAL) if spec.has_val and rank == 0 else None
     reference = None
     sums = torch.zeros(3, device=device)  # loss, grad norm, items since the last log
     count = 0
@@ -635,6 +667,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             monitor.grid(reference)
             grid_done_at = step
         if is_checkpoint:
+            if monitor is not None and val_shard is not None:
+                trainer.val_loss = monitor.validate(val_shard)
             _report(trainer, monitor, rank)
     if monitor is None:
         return None
@@ -642,7 +676,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         monitor.grid(reference)
     monitor.close()
     return {
-        "step": trainer.step, "loss": trainer.last_loss, "train_seconds": round(trainer.train_seconds, 1),
+        "step": trainer.step, "loss": trainer.last_loss, "val_loss": trainer.val_loss,
+        "train_seconds": round(trainer.train_seconds, 1),
         "items_seen": trainer.items_seen, "item_name": task.item_name, "world_size": world, "device": str(device),
         "num_parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
@@ -766,6 +801,9 @@ def run_training(
 ) -> dict[str, Any]:
     """Train `task` on `make_datasets()["train"]` into RUN; resume a partial RUN; skip a finished one.
 
+    An optional `make_datasets()["val"]` (small, held out) gives the EMA model's loss on it at every
+    checkpoint (TensorBoard `val/loss`, the progress log, `val_loss` in the summary).
+
     `preflight` runs before Ray starts and after the finished-run check (e.g. listing the inputs, so
     that missing data is one clear error). Returns the run summary (also RUN/train_summary.json), with
     `nothing_to_do` set on a finished RUN.
@@ -799,6 +837,7 @@ def run_training(
         spec = LoopSpec(
             task=task, train=cfg, run_url=run_url, storage_options=dict(opts), threads=cfg.threads, quiet=quiet,
             crash_at_step=int(crash_at) if crash_at else None, crash_marker=os.environ.get(CRASH_MARKER_ENV),
+            has_val=VAL in datasets,
         )
         storage_path, name, filesystem = _storage(run_url, opts)
         resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
@@ -816,6 +855,7 @@ def run_training(
             ),
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # "val" goes whole to each worker
         )
         start = time.perf_counter()
         try:

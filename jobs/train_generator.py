@@ -34,7 +34,7 @@ _TOKENIZERS: dict[tuple[str, str], Any] = {}  # (path, device) -> FlexTok for gr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.train_common import TrainConfig, add_init_arg, add_train_args
+    from jobs.train_common import TrainConfig, add_init_arg, add_train_args, add_val_args
 
     p = argparse.ArgumentParser(
         prog="flextok train-generator",
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
     add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=2000, warmup_steps=100, weight_decay=0.05))
     add_init_arg(p, "generator")
+    add_val_args(p, "--val-tokens", "token rows (a `flextok tokenize` output of held-out images, same tokenizer)")
     return p
 
 
@@ -397,10 +398,24 @@ def _run(args: argparse.Namespace) -> int:
         class_names=class_names, init_path=init_path, init_sha256=init_sha256,
     )
 
+    val = None
+    if args.val_tokens:
+        val_store = OutputStore(args.val_tokens, effective_storage_options(args.val_tokens, args.storage_options))
+        if not val_store.exists(""):
+            raise FileNotFoundError(f"--val-tokens {args.val_tokens} does not exist")
+        val = inspect_tokens(val_store)
+        for key in ("checkpoint_sha256", "codebook_size", "max_tokens"):
+            if val.metadata.get(key) != md.get(key):
+                raise ValueError(f"--val-tokens {args.val_tokens} has {key}={val.metadata.get(key)!r}, --tokens has "
+                                 f"{md.get(key)!r}: held-out tokens must come from the same tokenizer")
+
     def datasets() -> dict:
         log.info("tokens: %s, %d rows in %d file(s), codebook %d, K %d, tokenizer %s", args.tokens, data.num_rows,
                  len(data.paths), md["codebook_size"], md["max_tokens"], md.get("checkpoint_id"))
-        return {"train": token_dataset(store, data, args.cond)}
+        out = {"train": token_dataset(store, data, args.cond)}
+        if val is not None:
+            out[tc.VAL] = token_dataset(val_store, val, args.cond).limit(args.val_items).materialize()
+        return out
 
     summary = tc.run_training(task, datasets, cfg, run_url=args.output, storage_options=args.storage_options,
                               job="train-generator", quiet=args.quiet)

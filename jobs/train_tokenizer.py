@@ -47,7 +47,7 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.train_common import TrainConfig, add_init_arg, add_train_args
+    from jobs.train_common import TrainConfig, add_init_arg, add_train_args, add_val_args
 
     p = argparse.ArgumentParser(
         prog="flextok train-tokenizer",
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps in grids (default %(default)s)")
     add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=1000, warmup_steps=100))
     add_init_arg(p, "tokenizer (ours or an official FlexTok release)")
+    add_val_args(p, "--val-data", "images (what --data takes)")
     return p
 
 
@@ -226,13 +227,20 @@ def _run(args: argparse.Namespace) -> int:
     _check_output(args.data, args.output)
     plans = {}
 
+    val_options = effective_storage_options(args.val_data, args.storage_options) if args.val_data else {}
+
     def preflight() -> None:
         plans["train"] = resolve_inputs(args.data, data_options)  # one clear error for missing data
+        if args.val_data:
+            plans[tc.VAL] = resolve_inputs(args.val_data, val_options)
 
     def datasets() -> dict:
         plan = plans["train"]
         log.info("data: %s, %d %s shard(s)", args.data, len(plan.shards), plan.format)
-        return {"train": image_dataset(plan, data_options, config.image_size)}
+        out = {"train": image_dataset(plan, data_options, config.image_size)}
+        if args.val_data:
+            out[tc.VAL] = image_dataset(plans[tc.VAL], val_options, config.image_size).limit(args.val_items).materialize()
+        return out
 
     summary = tc.run_training(task, datasets, cfg, run_url=args.output, storage_options=args.storage_options,
                               job="train-tokenizer", quiet=args.quiet, preflight=preflight)

@@ -26,15 +26,16 @@ $FLEXTOK corpus emoji --out "$RUNS/emoji-test" --split test
 # 2. Tokenizers: tiny (patch 4, K = 32, FSQ 8,5,5,5 = 1,000 codes, width 128, 4 + 4 blocks, 2.5 M
 #    parameters). Fashion-MNIST at its native 28 px with uniform flow times and half of the examples at
 #    t = 1 (pure noise: there one decoder step is the mean reconstruction, which PSNR rewards); emoji at
-#    32 px with half the times uniform.
+#    32 px, likewise half at t = 1 and the other half's times logit-normal or uniform in equal parts.
 $FLEXTOK train-tokenizer --data "$RUNS/fm-train" --output "$RUNS/fm-tok" --preset tiny --image-size 28 \
   --patch-size 4 --encoder-dim 128 --decoder-dim 128 --time-sampling uniform --noise-time-fraction 0.5 \
   --max-steps 2800 --batch-size 64 --seed 0 --threads 1 --checkpoint-every 400 --grid-every 800 --log-every 50 \
   > "$RUNS/logs/fm-tok.log" 2>&1 &
 fm_tok=$!
 $FLEXTOK train-tokenizer --data "$RUNS/emoji-train" --output "$RUNS/emoji-tok" --preset tiny --image-size 32 \
-  --patch-size 4 --encoder-dim 128 --decoder-dim 128 --uniform-time-fraction 0.5 --max-steps 2000 --batch-size 64 \
-  --seed 0 --threads 1 --checkpoint-every 400 --grid-every 500 --log-every 50 > "$RUNS/logs/emoji-tok.log" 2>&1 &
+  --patch-size 4 --encoder-dim 128 --decoder-dim 128 --uniform-time-fraction 0.5 --noise-time-fraction 0.5 \
+  --max-steps 1600 --batch-size 64 --seed 0 --threads 1 --checkpoint-every 400 --grid-every 400 --grid-steps 8 \
+  --log-every 50 > "$RUNS/logs/emoji-tok.log" 2>&1 &
 emoji_tok=$!
 wait $fm_tok
 wait $emoji_tok

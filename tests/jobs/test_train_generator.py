@@ -2,6 +2,7 @@
 one-line errors, a 2-worker gloo DDP run, and a text run whose RUN lives on S3."""
 
 import json
+import math
 import uuid
 
 import numpy as np
@@ -181,6 +182,9 @@ def test_bad_inputs_are_one_line_errors(token_data, tmp_path, capsys):
     assert "has no captions" in error(["--tokens", str(tmp_path / "nocap"), "--output", out, "--cond", "text"])
     assert "--num-classes is for --cond class" in error(
         ["--tokens", str(token_data["tokens"]), "--output", out, "--cond", "text", "--num-classes", "3"])
+    write_tokens(tmp_path / "other", token_data["table"], "other.safetensors", "e" * 64)
+    assert "must come from the same tokenizer" in error(["--tokens", str(token_data["tokens"]), "--output", out,
+                                                         "--cond", "class", "--val-tokens", str(tmp_path / "other")])
     assert "fewer than --batch-size 64" in error(
         ["--tokens", str(token_data["tokens"]), "--output", out, "--cond", "class", "--batch-size", "64"])
     assert not (tmp_path / "run").exists()
@@ -199,10 +203,12 @@ def test_the_arrow_collate_feeds_the_generator_ragged_rows(token_data):
 def test_class_generator_on_two_gloo_ddp_workers(ray_local, token_data, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["--tokens", str(token_data["tokens"]), "--output", str(run), "--cond", "class", *SMALL, *FAST,
-            "--workers", "2", "--batch-size", "8", "--max-steps", "3", "--checkpoint-every", "2", "--grid-every", "0"]
+            "--workers", "2", "--batch-size", "8", "--max-steps", "3", "--checkpoint-every", "2", "--grid-every", "0",
+            "--val-tokens", str(token_data["tokens"]), "--val-items", "10"]
     assert main(argv) == 0
     assert "train-generator: 3 steps" in capsys.readouterr().out
     summary = json.loads((run / "train_summary.json").read_text())
+    assert 0 < summary["val_loss"] < 2 * math.log(1000)  # nats per token, near log(codebook) untrained
     assert summary["world_size"] == 2 and summary["items_seen"] > 0 and summary["step"] == 3
     model = Generator.from_pretrained(run / "model.safetensors")
     assert model.tokenizer_sha256 == file_sha256(token_data["tokenizer"])

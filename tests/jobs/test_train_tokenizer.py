@@ -141,11 +141,17 @@ def scalars(run_dir, tag="train/loss"):
 @pytest.mark.slow
 def test_train_tokenizer_end_to_end_then_a_rerun_does_nothing(ray_local, corpus, tmp_path, capsys):
     run = tmp_path / "run"
+    val = tmp_path / "val"  # held-out images: real Fashion-MNIST test photos
+    build_corpus("fashion-mnist", val, split="test", limit=20, samples_per_shard=20)
     argv = ["--data", str(corpus), "--output", str(run), *ARCH, *FAST, "--max-steps", "4", "--batch-size", "8",
-            "--checkpoint-every", "2", "--grid-every", "2"]
+            "--checkpoint-every", "2", "--grid-every", "2", "--val-data", str(val), "--val-items", "12"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "train-tokenizer: 4 steps" in out
+    val_losses = scalars(run, "val/loss")
+    assert [s for _, s, _ in val_losses] == [2, 4] and all(0 < v < 10 for _, _, v in val_losses)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(val_losses[-1][2], rel=1e-5)
     model = FlexTok.from_pretrained(run / "model.safetensors")
     assert (model.config.encoder_dim, model.config.decoder_depth) == (32, 1)
     assert read_metadata(run / "model.safetensors")["step"] == "4"
