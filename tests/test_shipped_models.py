@@ -83,7 +83,7 @@ def test_the_fashion_mnist_tokenizer_is_trained(tmp_path):
     from pipelines.corpus import build_corpus
 
     build_corpus("fashion-mnist", tmp_path / "test", split="test", limit=32, samples_per_shard=32)
-    from jobs.evaluate import read_corpus
+    from pipelines.images import read_corpus
 
     tokenizer = FlexTok.from_pretrained(ASSETS / "fashion-mnist/tokenizer.safetensors").eval()
     corpus = read_corpus(str(tmp_path / "test"), tokenizer.config.image_size)
