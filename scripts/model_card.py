@@ -115,9 +115,12 @@ def main() -> None:
               "## Commands (from the repository root; `scripts/train_shipped_models.sh` runs them all)", "", "```bash",
               args.command_file.read_text().strip(), "```"]
     for folder in args.eval:
-        metrics = json.loads((folder / "metrics.json").read_text())
-        lines += ["", f"## Evaluation: `{folder.name}` (`flextok evaluate {metrics['kind']}`)", ""]
-        lines += tokenizer_section(metrics) if metrics["kind"] == "tokenizer" else generator_section(metrics)
+        if (folder / "metrics.json").is_file():
+            metrics = json.loads((folder / "metrics.json").read_text())
+            lines += ["", f"## Evaluation: `{folder.name}` (`flextok evaluate {metrics['kind']}`)", ""]
+            lines += tokenizer_section(metrics) if metrics["kind"] == "tokenizer" else generator_section(metrics)
+        else:
+            lines += ["", f"## Pictures: `{folder.name}` (`flextok sample`)"]
         pictures = sorted(q.name for q in folder.glob("*.png"))
         rel = Path("reports") / folder.name
         lines += [""] + [f"![{q}]({rel / q})" for q in pictures]

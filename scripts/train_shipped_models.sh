@@ -53,17 +53,50 @@ $FLEXTOK export "$RUNS/judge.safetensors" --out "$ASSETS/fashion-mnist/judge.saf
 $FLEXTOK tokenize --input "$RUNS/fm-train" --output "$RUNS/fm-tokens" --model "$ASSETS/fashion-mnist/tokenizer.safetensors"
 $FLEXTOK tokenize --input "$RUNS/emoji-train" --output "$RUNS/emoji-tokens" --model "$ASSETS/emoji/tokenizer.safetensors"
 
-# 5. Generators: class-conditional on Fashion-MNIST (tiny GPT, 3.7 M parameters), text-conditional on
-#    the emoji names (width 192, 2.3 M parameters + the frozen offline MiniLM text encoder).
-$FLEXTOK train-generator --tokens "$RUNS/fm-tokens" --output "$RUNS/fm-gen" --cond class --preset tiny \
-  --max-steps 1600 --batch-size 64 --seed 0 --threads 1 --checkpoint-every 400 --grid-every 800 --log-every 50 \
-  > "$RUNS/logs/fm-gen.log" 2>&1 &
-fm_gen=$!
+# 5. Generators: text-conditional on the emoji names (width 192, 2.3 M parameters + the frozen
+#    offline MiniLM text encoder; it trained on one core beside the Fashion-MNIST tokenizer), then
+#    class-conditional on Fashion-MNIST (the tiny GPT, 3.7 M parameters, both cores).
 $FLEXTOK train-generator --tokens "$RUNS/emoji-tokens" --output "$RUNS/emoji-gen" --cond text --preset tiny \
   --dim 192 --num-heads 3 --max-steps 1000 --batch-size 64 --seed 0 --threads 1 --checkpoint-every 250 \
-  --grid-every 500 --log-every 50 > "$RUNS/logs/emoji-gen.log" 2>&1 &
-emoji_gen=$!
-wait $fm_gen
-wait $emoji_gen
+  --grid-every 500 --grid-steps 1 --log-every 50 > "$RUNS/logs/emoji-gen.log" 2>&1
+$FLEXTOK train-generator --tokens "$RUNS/fm-tokens" --output "$RUNS/fm-gen" --cond class --preset tiny \
+  --max-steps 1600 --batch-size 64 --seed 0 --threads 2 --checkpoint-every 400 --grid-every 800 --grid-steps 1 \
+  --log-every 50 > "$RUNS/logs/fm-gen.log" 2>&1
 $FLEXTOK export "$RUNS/fm-gen" --out "$ASSETS/fashion-mnist/generator.safetensors"
 $FLEXTOK export "$RUNS/emoji-gen" --out "$ASSETS/emoji/generator.safetensors"
+
+# 6. Reports beside the checkpoints (Fashion-MNIST test split: never used in training; emoji test split).
+FM=$ASSETS/fashion-mnist
+EM=$ASSETS/emoji
+$FLEXTOK evaluate tokenizer --tokenizer "$FM/tokenizer.safetensors" --data "$RUNS/fm-test" --max-images 1000 \
+  --steps 1 --classifier "$FM/judge.safetensors" --out "$FM/reports/tokenizer-1-step"
+$FLEXTOK evaluate tokenizer --tokenizer "$FM/tokenizer.safetensors" --data "$RUNS/fm-test" --max-images 500 \
+  --steps 25 --classifier "$FM/judge.safetensors" --out "$FM/reports/tokenizer-25-steps"
+for cfg in 1 3 5; do
+  $FLEXTOK evaluate generator --generator "$FM/generator.safetensors" --data "$RUNS/fm-test" --num-samples 1000 \
+    --cfg-scale $cfg --decoder-steps 1 --classifier "$FM/judge.safetensors" --out "$FM/reports/generator-cfg-$cfg"
+done
+$FLEXTOK sample --generator "$FM/generator.safetensors" --labels 0,1,2,3,4,5,6,7,8,9 --num-tokens 32 \
+  --per-condition 8 --cfg-scale 5 --decoder-steps 1 --out "$FM/reports/samples/classes.png"
+$FLEXTOK evaluate tokenizer --tokenizer "$EM/tokenizer.safetensors" --data "$RUNS/emoji-test" --max-images 391 \
+  --steps 1 --out "$EM/reports/tokenizer-1-step"
+$FLEXTOK sample --generator "$EM/generator.safetensors" --num-tokens 32 --per-condition 4 --cfg-scale 3 \
+  --decoder-steps 1 --out "$EM/reports/samples/prompts.png" --prompts "grinning face" "red heart" "thumbs up" \
+  "fire" "cat face" "rocket" "slice of pizza" "sun with face" "green apple" "snowflake"
+
+# 7. Model cards (from the run summaries, the reports and the commands above).
+CMDS=scripts/shipped_commands
+PY=${PY:-.venv/bin/python}
+$PY scripts/model_card.py "$FM/tokenizer.safetensors" --run "$RUNS/fm-tok" --command-file $CMDS/fm-tokenizer.txt \
+  --data "Fashion-MNIST train split (60,000 images, 28 px, grey as RGB); evaluated on the test split (10,000, never seen)" \
+  --eval "$FM/reports/tokenizer-1-step" --eval "$FM/reports/tokenizer-25-steps"
+$PY scripts/model_card.py "$FM/generator.safetensors" --run "$RUNS/fm-gen" --command-file $CMDS/fm-generator.txt \
+  --data "the Fashion-MNIST train split's tokens from the tokenizer beside it (60,000 x 32 tokens, 10 classes)" \
+  --eval "$FM/reports/generator-cfg-1" --eval "$FM/reports/generator-cfg-3" --eval "$FM/reports/generator-cfg-5" \
+  --eval "$FM/reports/samples"
+$PY scripts/model_card.py "$EM/tokenizer.safetensors" --run "$RUNS/emoji-tok" --command-file $CMDS/emoji-tokenizer.txt \
+  --data "Noto Color Emoji train split (3,264 emoji, 32 px; a fixed 90/10 split by name hash); evaluated on the 391 held out" \
+  --eval "$EM/reports/tokenizer-1-step"
+$PY scripts/model_card.py "$EM/generator.safetensors" --run "$RUNS/emoji-gen" --command-file $CMDS/emoji-generator.txt \
+  --data "the emoji train split's tokens from the tokenizer beside it, captioned with the emoji names" \
+  --eval "$EM/reports/samples"
