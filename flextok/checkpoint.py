@@ -22,6 +22,11 @@ FORMAT = "flextok-at-scale"
 FORMAT_VERSION = "1"
 WEIGHTS_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A tokenizer whose token-defining weights (everything but the flow decoder) are exactly those of
+# other checkpoints lists their file sha256s here (JSON). A decoder-only fine-tune keeps its parents'
+# tokens, so token datasets and generators made with a parent stay valid with it.
+SAME_TOKENS_KEY = "same_tokens_as_sha256"
+DECODER_PREFIX = "decoder."
 
 
 class CheckpointError(ValueError):
@@ -85,8 +90,16 @@ def save_checkpoint(
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, _new_file_mode())  # safetensors creates 0600 files; others on the cluster must read them
     os.replace(tmp, p)
     return p
+
+
+def _new_file_mode() -> int:
+    """What `open()` gives a new file: 0666 less the process umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -128,10 +141,16 @@ def export_checkpoint(
     Every metadata entry is kept (config, kind, provenance); `extra` adds or replaces entries, and the
     source's sha256 is recorded as `exported_from_sha256`.
     """
-    state, metadata = load_checkpoint(src, dtype=dtype)
+    state, metadata = load_checkpoint(src, dtype=None)
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{src}: not a {FORMAT} checkpoint (no config in its metadata)")
     kept = {k: v for k, v in metadata.items() if k not in ("format", "format_version", "kind", "config")}
+    if SAME_TOKENS_KEY in kept and not all(
+        torch.equal(v.to(dtype).to(v.dtype), v) for k, v in state.items()
+        if v.is_floating_point() and not k.startswith(DECODER_PREFIX)
+    ):
+        del kept[SAME_TOKENS_KEY]  # the cast moves token-defining weights: tokens may change
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     kept.update(extra or {})
     kept["exported_from_sha256"] = file_sha256(src)
     return save_checkpoint(dst, state, kind=metadata.get("kind", ""), config=json.loads(metadata["config"]), extra=kept)
@@ -143,6 +162,16 @@ def config_from_metadata(metadata: dict[str, str], *, kind: str, path: Any = "")
     if metadata.get("kind") != kind:
         raise CheckpointError(f"{path}: holds a {metadata.get('kind')!r}, expected a {kind!r}")
     return json.loads(metadata["config"])
+
+
+def same_tokens_shas(path: str | os.PathLike) -> set[str]:
+    """The sha256s of every checkpoint whose tokens `path` reproduces: its own and its recorded parents'."""
+    listed = read_metadata(path).get(SAME_TOKENS_KEY)
+    try:
+        parents = set(json.loads(listed)) if listed else set()
+    except ValueError:
+        raise CheckpointError(f"{path}: metadata {SAME_TOKENS_KEY} is not a JSON list") from None
+    return {file_sha256(path)} | parents
 
 
 def file_sha256(path: str | os.PathLike) -> str:

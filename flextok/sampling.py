@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from flextok.checkpoint import WEIGHTS_NAMES, CheckpointError, file_sha256, read_metadata
+from flextok.checkpoint import (
+    WEIGHTS_NAMES,
+    CheckpointError,
+    file_sha256,
+    read_metadata,
+    same_tokens_shas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +89,8 @@ def resolve_tokenizer(
     With `tokenizer` None, the one recorded in the generator checkpoint (`tokenizer_id`), looked up
     as recorded, relative to the generator's folder, by file name in that folder, and as any
     tokenizer checkpoint in that folder with the recorded sha256 (shipped models travel together).
-    A file whose sha256 differs from the recorded one is refused (unless `check_sha256` is False).
+    A tokenizer that neither has the recorded sha256 nor records it among the checkpoints whose
+    tokens it keeps (a decoder-only fine-tune) is refused, unless `check_sha256` is False.
     """
     recorded_id, recorded_sha = generator.tokenizer_id, generator.tokenizer_sha256
     gen_dir = Path(generator_path).expanduser().parent
@@ -107,15 +114,15 @@ def resolve_tokenizer(
         path = next((c for c in candidates if c.exists()), None)
         if path is None and recorded_sha:
             siblings = [c for c in sorted(gen_dir.glob("*.safetensors")) if _kind(c) == TOKENIZER_KIND]
-            path = next((c for c in siblings if file_sha256(c) == recorded_sha), None)
+            path = next((c for c in siblings if recorded_sha in same_tokens_shas(c)), None)
         if path is None:
             raise CheckpointError(
                 f"generator {generator_path} was trained on tokenizer {recorded_id} (sha256 "
                 f"{_short(recorded_sha)}…), which is not found; pass --tokenizer CKPT"
             )
     if check_sha256 and recorded_sha:
-        actual = file_sha256(path)
-        if actual != recorded_sha:
+        if recorded_sha not in same_tokens_shas(path):
+            actual = file_sha256(path)
             raise CheckpointError(
                 f"tokenizer {path} has sha256 {_short(actual)}… but generator {generator_path} was trained "
                 f"on {recorded_id} with sha256 {_short(recorded_sha)}…; pass the tokenizer it was trained on"

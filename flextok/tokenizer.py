@@ -124,6 +124,14 @@ class FlexTok(nn.Module):
             self.config.num_patches, self.config.num_registers, device=device
         )
 
+    def freeze_tokens(self) -> FlexTok:
+        """Freeze everything that defines the tokens (VAE, encoder, FSQ): training then moves only the
+        flow decoder, so every token this model emits stays what it was (decoder fine-tuning)."""
+        for name, module in self.named_children():
+            if name != "decoder":
+                module.requires_grad_(False)
+        return self
+
     def save_pretrained(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
         """Write `path` (a .safetensors file, or a folder that gets model.safetensors)."""
         out = save_checkpoint(path, self.state_dict(), kind=KIND, config=self.config.to_dict(), extra=extra)

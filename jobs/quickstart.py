@@ -179,10 +179,10 @@ def run(args: argparse.Namespace) -> int:
     stages.run("tokenize the corpus with the Ray Data pipeline", "jobs.tokenize",
                "--input", corpus / "train", "--output", out / "tokens", "--model", tokenizer, *quiet)
 
-    from flextok.checkpoint import file_sha256
+    from flextok.checkpoint import same_tokens_shas
 
     generator = Path(args.generator) if args.generator else _bundled("generator.safetensors")
-    if generator is not None and not args.generator and _sha256_recorded(generator) != file_sha256(tokenizer):
+    if generator is not None and not args.generator and _sha256_recorded(generator) not in same_tokens_shas(tokenizer):
         generator = None  # the bundled generator speaks another tokenizer's tokens
     if generator is not None and not args.generator and args.finetune_steps:
         stages.run(f"fine-tune the bundled text-conditional generator on these tokens ({args.finetune_steps} steps)",

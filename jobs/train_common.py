@@ -270,8 +270,10 @@ class EMA:
         shadow.load_state_dict(model.state_dict())
         self.model = shadow.eval().requires_grad_(False)
         self.decay = decay
-        self._pairs = list(zip(shadow.parameters(), model.parameters()))
-        self._buffers = list(zip(shadow.buffers(), model.buffers()))
+        params = list(zip(shadow.parameters(), model.parameters()))
+        # Frozen weights are copied, not averaged: they stay bit-identical to the model's.
+        self._pairs = [(e, p) for e, p in params if p.requires_grad]
+        self._buffers = list(zip(shadow.buffers(), model.buffers())) + [(e, p) for e, p in params if not p.requires_grad]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -705,16 +707,6 @@ def _report(trainer: Trainer, monitor: _Monitor | None, rank: int) -> None:
 
 
 # The driver ---------------------------------------------------------------------------------------
-def ensure_ray() -> bool:
-    """Join RAY_ADDRESS's cluster or the one this process already runs, else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=True)
-    return True
-
-
 def resolve_resources(cfg: TrainConfig) -> TrainConfig:
     """CPUs per worker and torch threads from the cluster, keeping a CPU free for the data stages.
 
@@ -822,6 +814,8 @@ def run_training(
         preflight()
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.cluster import ensure_ray
 
     started = ensure_ray()
     try:

@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from jobs.cli_util import positive_int, run_cli
@@ -289,8 +290,6 @@ def token_dataset(store, data: TokenData, cond: str):
 
 def resolve_grid_tokenizer(explicit: str | None, metadata: dict[str, Any]) -> str | None:
     """A tokenizer file to decode grids, or None (with a log line) when only a random preset is known."""
-    from pathlib import Path
-
     from flextok.checkpoint import file_sha256, resolve_weights_path
 
     if explicit is not None:
@@ -330,12 +329,23 @@ def init_config(args: argparse.Namespace, data: TokenData, init_path: str):
         raise ValueError(f"--init {init_path} speaks {config.codebook_size} codes x K={config.max_tokens}; "
                          f"{args.tokens} has {data.metadata['codebook_size']} x K={data.metadata['max_tokens']}")
     recorded, tokens_sha = md.get("tokenizer_sha256") or None, data.metadata.get("checkpoint_sha256")
-    if recorded and tokens_sha and recorded != tokens_sha:
+    if recorded and tokens_sha and recorded != tokens_sha and not _keeps_tokens_of(data.metadata.get("checkpoint_id"), recorded):
         raise ValueError(f"--init {init_path} was trained on tokens of tokenizer {recorded[:12]}…, {args.tokens} "
                          f"comes from {tokens_sha[:12]}…: its tokens mean other things")
     if config.cond == "class" and data.max_label is not None and data.max_label >= config.num_classes:
         raise ValueError(f"{args.tokens} has label {data.max_label}; --init {init_path} knows {config.num_classes} classes")
     return config.replace(cond_dropout_prob=args.cond_dropout) if args.cond_dropout is not None else config
+
+
+def _keeps_tokens_of(tokenizer: str | None, sha256: str) -> bool:
+    """Whether the tokenizer that made the tokens (a readable checkpoint) emits the same tokens as the
+    checkpoint `sha256` (it is that checkpoint, or a decoder-only fine-tune of it)."""
+    from flextok.checkpoint import same_tokens_shas
+
+    try:
+        return bool(tokenizer) and sha256 in same_tokens_shas(Path(tokenizer).expanduser())
+    except (OSError, ValueError):
+        return False
 
 
 def generator_config(args: argparse.Namespace, data: TokenData):

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps in grids (default %(default)s)")
     add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=1000, warmup_steps=100))
     add_init_arg(p, "tokenizer (ours or an official FlexTok release)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="with --init: train the flow decoder only; the tokens stay exactly the init's, so token "
+                   "datasets and generators made with it stay valid (recorded as same_tokens_as_sha256)")
     add_val_args(p, "--val-data", "images (what --data takes)")
     return p
 
@@ -101,6 +104,7 @@ class TokenizerTask:
     find_unused_parameters: bool = False  # mask and null tokens enter the graph through torch.where
     init_path: str | None = None  # fine-tuning: the weights to start from
     init_sha256: str | None = None
+    same_tokens_as: tuple[str, ...] = ()  # --freeze-encoder: the checkpoints whose tokens this run keeps
 
     def build_model(self, device):
         from flextok import FlexTok
@@ -111,7 +115,7 @@ class TokenizerTask:
             model.checkpoint_id = f"init:{self.init_path}"
         else:
             model.checkpoint_id = f"preset:{self.preset}"
-        return model
+        return model.freeze_tokens() if self.same_tokens_as else model
 
     def collate_fn(self):
         from jobs.train_common import PixelCollate
@@ -130,7 +134,12 @@ class TokenizerTask:
         return int(images.shape[0])
 
     def save_pretrained(self, model, path, *, step: int) -> None:
-        model.save_pretrained(path, extra={"step": step})
+        from flextok.checkpoint import SAME_TOKENS_KEY
+
+        extra: dict[str, Any] = {"step": step}
+        if self.same_tokens_as:
+            extra[SAME_TOKENS_KEY] = list(self.same_tokens_as)
+        model.save_pretrained(path, extra=extra)
 
     def grid(self, model, images):
         """Rows: training images; columns: the input, then reconstructions from k = 1, 2, 4, .., K tokens."""
@@ -151,6 +160,8 @@ class TokenizerTask:
         described = {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict()}
         if self.init_path is not None:
             described.update(init=self.init_path, init_sha256=self.init_sha256)
+        if self.same_tokens_as:
+            described.update(frozen="encoder (tokens kept)", same_tokens_as_sha256=list(self.same_tokens_as))
         return described
 
 
@@ -220,9 +231,16 @@ def _run(args: argparse.Namespace) -> int:
     cfg = tc.train_config_from_args(args)
     init_path, init_sha256 = tc.resolve_init(args.init)
     config = model_config(args, init_path)
+    same_tokens: tuple[str, ...] = ()
+    if args.freeze_encoder:
+        if init_path is None:
+            raise ValueError("--freeze-encoder keeps the tokens of --init CKPT; give --init")
+        from flextok.checkpoint import same_tokens_shas
+
+        same_tokens = tuple(sorted(same_tokens_shas(init_path)))
     task = TokenizerTask(config=config, preset=None if init_path else args.preset or DEFAULT_PRESET,
                          grid_images=args.grid_images, grid_steps=args.grid_steps,
-                         init_path=init_path, init_sha256=init_sha256)
+                         init_path=init_path, init_sha256=init_sha256, same_tokens_as=same_tokens)
     data_options = effective_storage_options(args.data, args.storage_options)
     _check_output(args.data, args.output)
     plans = {}

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipelines import writer
+from pipelines.cluster import ensure_ray
 from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_batch
 from pipelines.encode import TokenizeBatch
 from pipelines.model import TokenizerInfo, inspect_model, model_identity, resolve_model_spec
@@ -129,19 +130,6 @@ class TokenizeResult:
 
     def summary(self) -> str:
         return summary_text(self.manifest, nothing_to_do=self.nothing_to_do)
-
-
-def ensure_ray() -> bool:
-    """Join RAY_ADDRESS's cluster (`ray job submit`), or the one this process runs, or start one."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(address="local")
-    return True
 
 
 def _check_layout(plan: InputPlan, store: OutputStore) -> None:

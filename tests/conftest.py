@@ -36,13 +36,11 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ctx = ray.init(
-        address="local",  # never join a Ray that happens to run on the machine
-        num_cpus=RAY_TEST_CPUS,
-        include_dashboard=False,
-        object_store_memory=512 * 1024**2,
-        log_to_driver=True,
-    )
+    from pipelines.cluster import start_local_ray
+
+    # Never a Ray that happens to run on the machine; its processes know its address (see
+    # pipelines.cluster: Ray Train's cleaner would otherwise ask whichever Ray started last).
+    ctx = start_local_ray(num_cpus=RAY_TEST_CPUS, object_store_memory=512 * 1024**2, log_to_driver=True)
     yield RayLocal(address=ctx.address_info["gcs_address"], num_cpus=RAY_TEST_CPUS)
     ray.shutdown()
 

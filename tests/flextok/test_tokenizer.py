@@ -2,7 +2,9 @@
 
 import io
 import json
+import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 
@@ -96,6 +98,18 @@ def test_checkpoint_round_trip_is_bit_exact(model, tmp_path):
     assert torch.equal(loaded.tokenize(_images()), ids)
     meta = read_metadata(path)
     assert json.loads(meta["config"])["num_registers"] == 32 and meta["kind"] == "FlexTok"
+
+
+def test_checkpoints_get_the_umask_mode_like_any_new_file(model, tmp_path):
+    """safetensors alone creates 0600 files, which other users of a shared filesystem cannot read."""
+    before = os.umask(0o027)
+    try:
+        path = model.save_pretrained(tmp_path / "tok.safetensors")
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o640
 
 
 def test_pickle_checkpoints_are_refused(model, tmp_path):

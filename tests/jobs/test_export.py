@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flextok import FlexTok
-from flextok.checkpoint import file_sha256, load_checkpoint, read_metadata
+from flextok.checkpoint import SAME_TOKENS_KEY, file_sha256, load_checkpoint, read_metadata
 from jobs.export import main
 
 
@@ -55,3 +55,20 @@ def test_other_dtypes(tmp_path, dtype):
     assert main([str(src), "--out", str(out), "--dtype", dtype]) == 0
     stored, _ = load_checkpoint(out, dtype=None)
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {getattr(torch, dtype)}
+
+
+def test_the_same_tokens_claim_survives_only_an_exact_cast(tmp_path):
+    """fp16 export keeps `same_tokens_as_sha256` when the token-defining weights are fp16 numbers
+    already (a decoder fine-tune of a shipped fp16 tokenizer), and drops it when the cast moves them."""
+    model = _tiny()
+    claim = {SAME_TOKENS_KEY: ["b" * 64]}
+    src = model.save_pretrained(tmp_path / "fp32.safetensors", extra=claim)  # random fp32 weights
+    assert main([str(src), "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert SAME_TOKENS_KEY not in read_metadata(tmp_path / "a.safetensors")
+    with torch.no_grad():
+        for name, t in model.state_dict().items():  # parameters and persistent buffers alike
+            if not name.startswith("decoder.") and t.is_floating_point():
+                t.copy_(t.half().float())
+    src = model.save_pretrained(tmp_path / "rounded.safetensors", extra=claim)
+    assert main([str(src), "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert json.loads(read_metadata(tmp_path / "b.safetensors")[SAME_TOKENS_KEY]) == ["b" * 64]

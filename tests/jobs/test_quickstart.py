@@ -9,10 +9,14 @@ from jobs.quickstart import ASSETS, main
 
 
 @pytest.mark.slow
-def test_quickstart_writes_a_report_with_its_pictures(tmp_path):
+def test_quickstart_writes_a_report_with_its_pictures(tmp_path, capfd):
     out = tmp_path / "qs"
     code = main(["--out", str(out), "--limit", "64", "--finetune-steps", "3", "--quiet"])
     assert code == 0
+    # The local Ray serves the State API (dashboard): Ray Train's placement-group cleaner finds its
+    # controller instead of warning every second that it cannot (pipelines.cluster).
+    printed = "".join(capfd.readouterr())
+    assert "Failed to query Ray Train Controller" not in printed and "Traceback" not in printed
     report = (out / "report.md").read_text()
     # the shipped generator, fine-tuned with Ray Train on the quickstart's own tokens
     assert "fine-tuned here for 3 steps" in report

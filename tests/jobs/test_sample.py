@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from flextok import FlexTok, viz
-from flextok.checkpoint import CheckpointError, file_sha256
+from flextok.checkpoint import SAME_TOKENS_KEY, CheckpointError, file_sha256
 from flextok.generator import Generator
 from flextok.gpt import GPTConfig
 from flextok.sampling import find_generator_checkpoint, resolve_tokenizer
@@ -146,6 +146,25 @@ def test_tokenizer_found_beside_a_moved_generator_by_sha(checkpoints, tmp_path):
     gen.tokenizer_sha256 = "0" * 64
     with pytest.raises(CheckpointError, match="not found; pass --tokenizer"):
         resolve_tokenizer(gen, gen_path)
+
+
+def test_a_decoder_fine_tune_of_the_recorded_tokenizer_is_accepted(checkpoints, tmp_path):
+    """A tokenizer listing the recorded sha256 among the checkpoints whose tokens it keeps decodes the
+    generator's tokens (beside it, or given); one that merely claims another parent is refused."""
+    tok = FlexTok.from_pretrained(checkpoints["tokenizer"])
+    torch.nn.init.normal_(tok.decoder.mask_token)  # another decoder, the same tokens
+    gen = Generator.from_pretrained(checkpoints["generator"])
+    moved = tmp_path / "shipped"
+    tuned = tok.save_pretrained(moved / "tokenizer.safetensors",
+                                extra={SAME_TOKENS_KEY: [gen.tokenizer_sha256]})
+    gen.tokenizer_id = "/gone/tokenizer.safetensors"
+    gen_path = gen.save_pretrained(moved / "generator.safetensors")
+    assert file_sha256(tuned) != gen.tokenizer_sha256
+    assert resolve_tokenizer(gen, gen_path) == str(tuned)  # found beside it by lineage
+    assert resolve_tokenizer(gen, gen_path, tuned) == str(tuned)
+    stranger = tok.save_pretrained(tmp_path / "stranger.safetensors", extra={SAME_TOKENS_KEY: ["1" * 64]})
+    with pytest.raises(CheckpointError, match="trained on"):
+        resolve_tokenizer(gen, gen_path, stranger)
 
 
 def test_run_folder_resolves_to_final_model_else_newest_checkpoint(checkpoints, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flextok import FlexTok
-from flextok.checkpoint import read_metadata
+from flextok.checkpoint import SAME_TOKENS_KEY, file_sha256, read_metadata, same_tokens_shas
 from jobs.train_common import CRASH_MARKER_ENV, CRASH_STEP_ENV, PixelCollate, TrainConfig, Trainer
 from jobs.train_tokenizer import TokenizerTask, build_parser, main, model_config
 from pipelines.corpus import build_corpus
@@ -103,10 +103,38 @@ def test_init_starts_from_the_checkpoint_and_keeps_its_architecture(real_batch, 
             model_config(args, str(path))
 
 
+def test_freeze_encoder_trains_the_decoder_and_keeps_every_token(real_batch, tmp_path):
+    torch.manual_seed(3)
+    start = FlexTok.from_config(tiny_task().config)
+    path = start.save_pretrained(tmp_path / "start.safetensors", extra={SAME_TOKENS_KEY: ["a" * 64]})
+    task = TokenizerTask(config=start.config, preset=None, init_path=str(path), init_sha256=start.checkpoint_sha256,
+                         same_tokens_as=tuple(sorted(same_tokens_shas(path))))
+    trainer = Trainer(task, TrainConfig(max_steps=4, warmup_steps=0, lr=3e-3, batch_size=8, ema_decay=0.5),
+                      torch.device("cpu"))
+    images = task.prepare_batch(real_batch, torch.device("cpu"))
+    for _ in range(4):
+        trainer.train_step(images)
+    decoder_moved = 0
+    for name, tensor in start.state_dict().items():
+        for model in (trainer.model, trainer.ema.model):
+            if name.startswith("decoder."):
+                decoder_moved += not torch.equal(model.state_dict()[name], tensor)
+            else:
+                assert torch.equal(model.state_dict()[name], tensor), name  # bit-identical, EMA too
+    assert decoder_moved > 0
+    assert torch.equal(trainer.ema.model.tokenize(images), start.tokenize(images))
+    out = tmp_path / "tuned.safetensors"
+    task.save_pretrained(trainer.ema.model, out, step=4)
+    # its own sha, the init's and the init's own parent: generators trained on any of them stay valid
+    assert same_tokens_shas(out) == {file_sha256(out), start.checkpoint_sha256, "a" * 64}
+    assert task.describe()["same_tokens_as_sha256"] == sorted([start.checkpoint_sha256, "a" * 64])
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--init", "/no/such/checkpoint.safetensors"], "checkpoint not found"),
+        (["--freeze-encoder"], "give --init"),
         (["--encoder-dim", "40"], "not a multiple of head_dim"),
         (["--batch-size", "9", "--workers", "2"], "split evenly"),
     ],
