@@ -37,15 +37,6 @@ from pipelines.writer import OutputStore
 TINY = get_preset("tiny").replace(encoder_dim=32, decoder_dim=32, encoder_depth=1, decoder_depth=1, head_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on 2 cores shared with other processes spin-wait badly; one is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def images_batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"pixels": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)}

@@ -36,15 +36,6 @@ FAST = ["--threads", "1", "--warmup-steps", "1", "--log-every", "1", "--grid-con
         "--grid-per-condition", "2", "--grid-steps", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on 2 cores shared with other processes spin-wait badly; one is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_tokens(folder, table: pa.Table, tokenizer_id: str, sha: str | None, parts: int = 2,
                  class_names: tuple[str, ...] = ()) -> None:
     folder.mkdir(parents=True, exist_ok=True)

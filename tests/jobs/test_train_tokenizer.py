@@ -23,15 +23,6 @@ ARCH = ["--encoder-dim", "32", "--decoder-dim", "32", "--encoder-depth", "1", "-
 FAST = ["--threads", "1", "--warmup-steps", "1", "--grid-images", "2", "--grid-steps", "2", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on 2 cores shared with other processes spin-wait badly; one is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """96 real Fashion-MNIST photos (Debian package) in 3 WebDataset shards."""
