@@ -1,6 +1,6 @@
 """Write the model card (Markdown) of a shipped checkpoint from the files its jobs left behind.
 
-    python scripts/model_card.py ASSET.safetensors --run RUN --eval EVAL_DIR [--eval EVAL_DIR ...]
+    python scripts/model_card.py ASSET.safetensors --run RUN [--run RUN2 ...] --eval EVAL_DIR [--eval EVAL_DIR ...]
         --data "..." --command-file CMDS.txt [--note "..."]
 
 Reads ASSET's metadata (kind, config, provenance), RUN/train_summary.json and RUN/job.json (steps,
@@ -80,7 +80,8 @@ def generator_section(metrics: dict) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("asset", type=Path)
-    p.add_argument("--run", type=Path, required=True, help="the training run folder")
+    p.add_argument("--run", type=Path, action="append", required=True,
+                   help="the training run folder; repeat for the stages of a multi-stage model, in order")
     p.add_argument("--eval", type=Path, action="append", default=[], help="a `flextok evaluate` report folder")
     p.add_argument("--data", required=True, help="training data and split, in words")
     p.add_argument("--command-file", type=Path, required=True, help="the exact commands, one per line")
@@ -89,22 +90,27 @@ def main() -> None:
 
     md = read_metadata(args.asset)
     kind, config = md["kind"], json.loads(md["config"])
-    summary = json.loads((args.run / "train_summary.json").read_text())
-    job = json.loads((args.run / "job.json").read_text())
+    stages = [(json.loads((run / "train_summary.json").read_text()), json.loads((run / "job.json").read_text()))
+              for run in args.run]
     name = f"{args.asset.parent.name}/{args.asset.stem}"
     lines = [
         f"# {name} ({kind})", "",
         f"- file: `{args.asset.name}`, {args.asset.stat().st_size / 1e6:.1f} MB, sha256 `{file_sha256(args.asset)}`",
-        f"- weights: {summary['num_parameters']:,} parameters, stored in fp16 (loaded as fp32)",
+        f"- weights: {stages[-1][0]['num_parameters']:,} parameters, stored in fp16 (loaded as fp32)",
         f"- data: {args.data}",
-        f"- training: {summary['step']} steps of batch {job['train']['batch_size']} "
-        f"({summary['items_seen']:,} {summary['item_name']}), {_duration(summary['train_seconds'])} of training "
-        f"on {summary['world_size']} {summary['device']} worker(s) (wall {_duration(summary['wall_seconds_this_run'])}), "
-        f"final loss {summary['loss']:.4f}",
-        f"- optimiser: AdamW lr {job['train']['lr']}, warm-up {job['train']['warmup_steps']}, cosine to "
-        f"{job['train']['min_lr_ratio']}x, weight decay {job['train']['weight_decay']}, EMA {job['train']['ema_decay']}, "
-        f"seed {job['train']['seed']}",
     ]
+    for i, (summary, job) in enumerate(stages, 1):
+        label = f"stage {i} ({'decoder only, encoder frozen' if job['model'].get('frozen') else 'all weights'}): " \
+            if len(stages) > 1 else ""
+        lines += [
+            f"- training: {label}{summary['step']} steps of batch {job['train']['batch_size']} "
+            f"({summary['items_seen']:,} {summary['item_name']}), {_duration(summary['train_seconds'])} of training "
+            f"on {summary['world_size']} {summary['device']} worker(s) (wall {_duration(summary['wall_seconds_this_run'])}), "
+            f"final loss {summary['loss']:.4f}",
+            f"- optimiser{' (stage %d)' % i if len(stages) > 1 else ''}: AdamW lr {job['train']['lr']}, warm-up "
+            f"{job['train']['warmup_steps']}, cosine to {job['train']['min_lr_ratio']}x over {job['train']['max_steps']} "
+            f"steps, weight decay {job['train']['weight_decay']}, EMA {job['train']['ema_decay']}, seed {job['train']['seed']}",
+        ]
     if kind == "Generator":
         lines.append(f"- tokenizer: sha256 `{md.get('tokenizer_sha256')}` (`tokenizer.safetensors` beside this file)")
         if md.get("class_names"):

@@ -94,7 +94,7 @@ $FLEXTOK sample --generator "$EM/generator.safetensors" --num-tokens 32 --per-co
 # 7. Model cards (from the run summaries, the reports and the commands above).
 CMDS=scripts/shipped_commands
 PY=${PY:-.venv/bin/python}
-$PY scripts/model_card.py "$FM/tokenizer.safetensors" --run "$RUNS/fm-tok" --command-file $CMDS/fm-tokenizer.txt \
+$PY scripts/model_card.py "$FM/tokenizer.safetensors" --run "$RUNS/fm-tok" --run "$RUNS/fm-tok-dec" --command-file $CMDS/fm-tokenizer.txt \
   --data "Fashion-MNIST train split (60,000 images, 28 px, grey as RGB); evaluated on the test split (10,000, never seen)" \
   --eval "$FM/reports/tokenizer-1-step" --eval "$FM/reports/tokenizer-25-steps"
 $PY scripts/model_card.py "$FM/generator.safetensors" --run "$RUNS/fm-gen" --command-file $CMDS/fm-generator.txt \
