@@ -100,14 +100,15 @@ def main() -> None:
         f"- data: {args.data}",
     ]
     for i, (summary, job) in enumerate(stages, 1):
+        staged = len(stages) > 1
         label = f"stage {i} ({'decoder only, encoder frozen' if job['model'].get('frozen') else 'all weights'}): " \
-            if len(stages) > 1 else ""
+            if staged else ""
         lines += [
             f"- training: {label}{summary['step']} steps of batch {job['train']['batch_size']} "
             f"({summary['items_seen']:,} {summary['item_name']}), {_duration(summary['train_seconds'])} of training "
             f"on {summary['world_size']} {summary['device']} worker(s) (wall {_duration(summary['wall_seconds_this_run'])}), "
             f"final loss {summary['loss']:.4f}",
-            f"- optimiser{' (stage %d)' % i if len(stages) > 1 else ''}: AdamW lr {job['train']['lr']}, warm-up "
+            f"- optimiser{f' (stage {i})' if staged else ''}: AdamW lr {job['train']['lr']}, warm-up "
             f"{job['train']['warmup_steps']}, cosine to {job['train']['min_lr_ratio']}x over {job['train']['max_steps']} "
             f"steps, weight decay {job['train']['weight_decay']}, EMA {job['train']['ema_decay']}, seed {job['train']['seed']}",
         ]
