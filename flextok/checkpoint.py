@@ -112,6 +112,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
 
 
+def read_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as an empty `meta` tensor of its shape: the header alone is
+    read, so a multi-GB release answers "what architecture is this" in milliseconds."""
+    p = resolve_weights_path(path)
+    _check_safetensors(p)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
+
+
 def load_checkpoint(
     path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

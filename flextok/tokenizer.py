@@ -22,6 +22,7 @@ from flextok.checkpoint import (
     file_sha256,
     load_checkpoint,
     read_metadata,
+    read_shapes,
     resolve_weights_path,
     save_checkpoint,
 )
@@ -98,11 +99,17 @@ class FlexTok(nn.Module):
 
     @classmethod
     def config_of(cls, path: str | os.PathLike) -> FlexTokConfig:
-        """A checkpoint's config: ours from its metadata alone; an official release from its tensors."""
+        """A checkpoint's config: ours from its metadata alone; an official release from its tensor
+        shapes (header only; no weights are read)."""
+        from flextok import official
+
         metadata = read_metadata(path)
         if metadata.get("kind") == KIND:
             return FlexTokConfig.from_dict(config_from_metadata(metadata, kind=KIND, path=path))
-        return cls.from_pretrained(path).config
+        shapes = read_shapes(path)
+        if official.is_official_state_dict(shapes):
+            return official.infer_config(shapes)
+        return cls.from_pretrained(path).config  # neither: the full load gives the one-line error
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor]) -> None:
         """Load every key exactly (names and shapes); a mismatch is an error listing the keys."""

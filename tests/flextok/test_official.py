@@ -61,6 +61,7 @@ def test_a_released_file_loads_strictly_and_reproduces_the_model(tmp_path):
     release.mkdir()
     save_file(_fake_official(src), str(release / "model.safetensors"))
     loaded = FlexTok.from_pretrained(release)
+    assert FlexTok.config_of(release) == loaded.config  # from the header's shapes alone
     assert loaded.config.decoder_depth == 3 and loaded.config.encoder_dim == 64
     assert loaded.config.patch_size == 2 and loaded.config.num_registers == 32
     a, b = src.state_dict(), loaded.state_dict()
