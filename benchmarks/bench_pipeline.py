@@ -140,21 +140,26 @@ def run_bare_encoder(spec: str, batch_size: int, threads: int, num: int) -> floa
 
 
 def run_per_image(images: list[bytes], spec: str, threads: int, out: Path) -> float:
-    """LlamaGen `extract_codes` style: one image at a time, batch 1, one .npy file per image."""
+    """LlamaGen `extract_codes` style: one image at a time, batch 1, one .npy file per image, on the
+    device the pipeline's encoder would use (a GPU with bf16 autocast where there is one)."""
+    import contextlib
+
     import torch
 
     from pipelines.decode import DecodeConfig, decode_image
-    from pipelines.model import load_model
+    from pipelines.model import default_device, load_model
 
     torch.set_num_threads(threads)
-    model = load_model(spec)
+    device = default_device()
+    model = load_model(spec, device=device)
     cfg = DecodeConfig(image_size=model.config.image_size)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for i, data in enumerate(images):
         pixels, _, _ = decode_image(data, cfg)
-        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
-        with torch.no_grad():
+        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].to(device).float() / 127.5 - 1  # (1, 3, H, W)
+        with torch.no_grad(), amp:
             codes = model.tokenize(x)
         np.save(out / f"{i:08d}.npy", codes.cpu().numpy())
     return len(images) / (time.perf_counter() - start)
