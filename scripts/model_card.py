@@ -77,6 +77,26 @@ def generator_section(metrics: dict) -> list[str]:
     return lines
 
 
+def _stage(run: Path, asset: Path) -> tuple[dict, dict]:
+    """(summary, job) of a finished run folder, or of one checkpoint of a run stopped early
+    (RUN/checkpoint_N: its train state stands in for the summary the run never wrote)."""
+    if (run / "train_summary.json").is_file():
+        return json.loads((run / "train_summary.json").read_text()), json.loads((run / "job.json").read_text())
+    job = json.loads((run.parent / "job.json").read_text())
+    state = json.loads(read_metadata(run / "train_state.safetensors")["train_state"])
+    from flextok import FlexTok, Generator
+
+    model = (FlexTok if job["job"] == "train-tokenizer" else Generator).from_pretrained(asset)
+    res = job["resources"]
+    summary = {**state, "num_parameters": sum(p.numel() for p in model.parameters()),
+               "item_name": "images" if job["job"] == "train-tokenizer" else "tokens",
+               "world_size": res["num_workers"], "device": "cuda" if res["use_gpu"] else "cpu",
+               "wall_seconds_this_run": state["train_seconds"],
+               "stopped_early": f"stopped at step {state['step']} of a {job['train']['max_steps']}-step schedule "
+                                f"(the checkpoint `{run.name}`)"}
+    return summary, job
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("asset", type=Path)
@@ -90,8 +110,7 @@ def main() -> None:
 
     md = read_metadata(args.asset)
     kind, config = md["kind"], json.loads(md["config"])
-    stages = [(json.loads((run / "train_summary.json").read_text()), json.loads((run / "job.json").read_text()))
-              for run in args.run]
+    stages = [_stage(run, args.asset) for run in args.run]
     name = f"{args.asset.parent.name}/{args.asset.stem}"
     lines = [
         f"# {name} ({kind})", "",
@@ -107,7 +126,7 @@ def main() -> None:
             f"- training: {label}{summary['step']} steps of batch {job['train']['batch_size']} "
             f"({summary['items_seen']:,} {summary['item_name']}), {_duration(summary['train_seconds'])} of training "
             f"on {summary['world_size']} {summary['device']} worker(s) (wall {_duration(summary['wall_seconds_this_run'])}), "
-            f"final loss {summary['loss']:.4f}",
+            f"final loss {summary['loss']:.4f}" + (f"; {summary['stopped_early']}" if summary.get("stopped_early") else ""),
             f"- optimiser{f' (stage {i})' if staged else ''}: AdamW lr {job['train']['lr']}, warm-up "
             f"{job['train']['warmup_steps']}, cosine to {job['train']['min_lr_ratio']}x over {job['train']['max_steps']} "
             f"steps, weight decay {job['train']['weight_decay']}, EMA {job['train']['ema_decay']}, seed {job['train']['seed']}",

@@ -99,4 +99,5 @@ def test_the_fashion_mnist_tokenizer_is_trained(tmp_path):
         for k in (1, 32):
             rec = tokenizer.detokenize(ids[:, :k], steps=1, generator=torch.Generator().manual_seed(0))
             psnr[k] = (10 * torch.log10(4 / (rec - images).pow(2).mean(dim=(1, 2, 3)))).mean().item()
-    assert psnr[32] > psnr[1] + 0.5 and psnr[32] > 16, psnr
+    # issue 6's bar at K is 17 dB; the first token alone is ~1.6 dB below the 32 on these images
+    assert psnr[32] > psnr[1] + 1.0 and psnr[32] > 17, psnr
