@@ -86,9 +86,9 @@ def resolve_tokenizer(
 ) -> str:
     """Which tokenizer decodes `generator`'s tokens: a checkpoint path, or a preset name.
 
-    With `tokenizer` None, the one recorded in the generator checkpoint (`tokenizer_id`), looked up
-    as recorded, relative to the generator's folder, by file name in that folder, and as any
-    tokenizer checkpoint in that folder with the recorded sha256 (shipped models travel together).
+    With `tokenizer` None: a tokenizer checkpoint in the generator's folder with the recorded sha256
+    (or keeping its tokens), preferring the recorded file name (shipped models travel together); else
+    the recorded `tokenizer_id` as recorded or relative to the generator's folder.
     A tokenizer that neither has the recorded sha256 nor records it among the checkpoints whose
     tokens it keeps (a decoder-only fine-tune) is refused, unless `check_sha256` is False.
     """
@@ -110,11 +110,14 @@ def resolve_tokenizer(
             log.warning("generator was trained on tokens of preset %r (random weights)", recorded_id)
             return recorded_id[len(PRESET_PREFIX):]
         recorded = Path(recorded_id).expanduser()
-        candidates = [recorded, gen_dir / recorded, gen_dir / recorded.name]
-        path = next((c for c in candidates if c.exists()), None)
-        if path is None and recorded_sha:
-            siblings = [c for c in sorted(gen_dir.glob("*.safetensors")) if _kind(c) == TOKENIZER_KIND]
-            path = next((c for c in siblings if recorded_sha in same_tokens_shas(c)), None)
+        path = None
+        if recorded_sha:  # first a tokenizer beside the generator that speaks its tokens: shipped
+            # models travel together, and the recorded path may name another copy (or none) here
+            beside = [gen_dir / recorded.name] + sorted(gen_dir.glob("*.safetensors"))
+            path = next((c for c in beside if c.is_file() and _kind(c) == TOKENIZER_KIND
+                         and recorded_sha in same_tokens_shas(c)), None)
+        if path is None:
+            path = next((c for c in (recorded, gen_dir / recorded, gen_dir / recorded.name) if c.exists()), None)
         if path is None:
             raise CheckpointError(
                 f"generator {generator_path} was trained on tokenizer {recorded_id} (sha256 "

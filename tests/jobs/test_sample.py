@@ -148,6 +148,19 @@ def test_tokenizer_found_beside_a_moved_generator_by_sha(checkpoints, tmp_path):
         resolve_tokenizer(gen, gen_path)
 
 
+def test_the_tokenizer_beside_the_generator_wins_over_another_copy_at_the_recorded_path(checkpoints, tmp_path):
+    """A clone of the repository elsewhere on the machine: the generator's recorded absolute path names
+    the other checkout's file; the copy travelling with the generator is the one to use."""
+    gen = Generator.from_pretrained(checkpoints["generator"])
+    assert Path(gen.tokenizer_id).is_file()  # the recorded path exists (the module's original)
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    beside = clone / Path(gen.tokenizer_id).name
+    beside.write_bytes(Path(gen.tokenizer_id).read_bytes())
+    gen_path = gen.save_pretrained(clone / "generator.safetensors")
+    assert resolve_tokenizer(gen, gen_path) == str(beside)
+
+
 def test_a_decoder_fine_tune_of_the_recorded_tokenizer_is_accepted(checkpoints, tmp_path):
     """A tokenizer listing the recorded sha256 among the checkpoints whose tokens it keeps decodes the
     generator's tokens (beside it, or given); one that merely claims another parent is refused."""
