@@ -271,9 +271,9 @@ class EMA:
         self.model = shadow.eval().requires_grad_(False)
         self.decay = decay
         params = list(zip(shadow.parameters(), model.parameters()))
-        # Frozen weights are copied, not averaged: they stay bit-identical to the model's.
+        # Buffers and frozen weights are copied, not averaged: frozen ones stay bit-identical to the model's.
         self._pairs = [(e, p) for e, p in params if p.requires_grad]
-        self._buffers = list(zip(shadow.buffers(), model.buffers())) + [(e, p) for e, p in params if not p.requires_grad]
+        self._copied = list(zip(shadow.buffers(), model.buffers())) + [(e, p) for e, p in params if not p.requires_grad]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -281,7 +281,7 @@ class EMA:
         decay = min(self.decay, (1 + step) / (10 + step))
         for ema, p in self._pairs:
             ema.lerp_(p.detach(), 1.0 - decay)
-        for ema, b in self._buffers:
+        for ema, b in self._copied:
             ema.copy_(b)
 
 
