@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the models shipped under flextok/assets/ from scratch, with the project's own jobs, on CPU.
 #
-#   bash scripts/train_shipped_models.sh            # everything, ~4 h on 2 CPU cores
+#   bash scripts/train_shipped_models.sh            # everything, ~6 h on 2 CPU cores
 #   RUNS=/big/disk bash scripts/train_shipped_models.sh
 #
 # Every stage is seeded (init, flow noise, nested-dropout k, shuffling) and resumable: re-running the
@@ -42,13 +42,19 @@ wait $emoji_tok
 $FLEXTOK export "$RUNS/fm-tok" --out "$RUNS/fm-tok-stage1.safetensors"
 $FLEXTOK export "$RUNS/emoji-tok" --out "$ASSETS/emoji/tokenizer.safetensors"
 # Fashion-MNIST, stage 2: the flow decoder alone on both cores (encoder and FSQ frozen: the tokens
-# are exactly stage 1's, recorded as same_tokens_as_sha256), on a 10,000-step schedule. The shipped
-# decoder is its step-7,500 checkpoint: the session that made it ran out of time there (the run was
-# stopped; --keep-checkpoints here only keeps that checkpoint around until the end).
+# are exactly stage 1's, recorded as same_tokens_as_sha256), on a 10,000-step schedule, stopped at its
+# step-7,500 checkpoint (the session that made it ran out of time there; --keep-checkpoints keeps it).
 $FLEXTOK train-tokenizer --data "$RUNS/fm-train" --output "$RUNS/fm-tok-dec" --init "$RUNS/fm-tok-stage1.safetensors" \
   --freeze-encoder --max-steps 10000 --batch-size 64 --lr 5e-4 --warmup-steps 100 --seed 1 --threads 2 \
   --checkpoint-every 500 --keep-checkpoints 20 --grid-every 2500 --log-every 50 > "$RUNS/logs/fm-tok-dec.log" 2>&1
-$FLEXTOK export "$RUNS/fm-tok-dec/checkpoint_00007500" --out "$ASSETS/fashion-mnist/tokenizer.safetensors"
+$FLEXTOK export "$RUNS/fm-tok-dec/checkpoint_00007500" --out "$RUNS/fm-tok-stage2.safetensors"
+# Stage 3: all weights again from stage 2, with nested dropout uniform over k = 1..K (powers of two
+# give k = 32 one step in six; uniform gives tokens 17..32 a gradient half the time: stage 1's later
+# tokens carried no class information a probe could find). The tokens change: a new tokenizer.
+$FLEXTOK train-tokenizer --data "$RUNS/fm-train" --output "$RUNS/fm-tok-full" --init "$RUNS/fm-tok-stage2.safetensors" \
+  --nested-dropout uniform --max-steps 6000 --batch-size 64 --lr 5e-4 --warmup-steps 100 --seed 2 --threads 2 \
+  --checkpoint-every 500 --keep-checkpoints 20 --grid-every 3000 --log-every 50 > "$RUNS/logs/fm-tok-full.log" 2>&1
+$FLEXTOK export "$RUNS/fm-tok-full" --out "$ASSETS/fashion-mnist/tokenizer.safetensors"
 
 # 3. The judge: a small CNN classifier on the Fashion-MNIST train split, the feature space of the
 #    generator's FID and the judge of "samples of the asked class" (also shipped, 0.2 MB).
@@ -95,7 +101,7 @@ $FLEXTOK sample --generator "$EM/generator.safetensors" --num-tokens 32 --per-co
 # 7. Model cards (from the run summaries, the reports and the commands above).
 CMDS=scripts/shipped_commands
 PY=${PY:-.venv/bin/python}
-$PY scripts/model_card.py "$FM/tokenizer.safetensors" --run "$RUNS/fm-tok" --run "$RUNS/fm-tok-dec/checkpoint_00007500" --command-file $CMDS/fm-tokenizer.txt \
+$PY scripts/model_card.py "$FM/tokenizer.safetensors" --run "$RUNS/fm-tok" --run "$RUNS/fm-tok-dec/checkpoint_00007500" --run "$RUNS/fm-tok-full" --command-file $CMDS/fm-tokenizer.txt \
   --data "Fashion-MNIST train split (60,000 images, 28 px, grey as RGB); evaluated on the test split (10,000, never seen)" \
   --eval "$FM/reports/tokenizer-1-step" --eval "$FM/reports/tokenizer-25-steps"
 $PY scripts/model_card.py "$FM/generator.safetensors" --run "$RUNS/fm-gen" --command-file $CMDS/fm-generator.txt \

@@ -99,5 +99,6 @@ def test_the_fashion_mnist_tokenizer_is_trained(tmp_path):
         for k in (1, 32):
             rec = tokenizer.detokenize(ids[:, :k], steps=1, generator=torch.Generator().manual_seed(0))
             psnr[k] = (10 * torch.log10(4 / (rec - images).pow(2).mean(dim=(1, 2, 3)))).mean().item()
-    # issue 6's bar at K is 17 dB; the first token alone is ~1.6 dB below the 32 on these images
-    assert psnr[32] > psnr[1] + 1.0 and psnr[32] > 17, psnr
+    # issue 6's bar at K is 17 dB (aim 20); on these 32 images the shipped file gives 19.5 dB at K, 3.7 dB
+    # above k = 1 (the stage-2 tokenizer it replaced: 17.9 and +1.6), so a regression to it fails here
+    assert psnr[32] > psnr[1] + 3.0 and psnr[32] > 19, psnr
