@@ -1,7 +1,7 @@
 """Write the model card (Markdown) of a shipped checkpoint from the files its jobs left behind.
 
     python scripts/model_card.py ASSET.safetensors --run RUN [--run RUN2 ...] --eval EVAL_DIR [--eval EVAL_DIR ...]
-        --data "..." --command-file CMDS.txt [--note "..."]
+        --data "..." --command-file CMDS.txt [--notes-file NOTES.md] [--note "..."]
 
 Reads ASSET's metadata (kind, config, provenance), RUN/train_summary.json and RUN/job.json (steps,
 images or tokens seen, wall time, training settings) and each EVAL_DIR/metrics.json written by
@@ -97,6 +97,12 @@ def _stage(run: Path, asset: Path) -> tuple[dict, dict]:
     return summary, job
 
 
+def read_notes(path: Path) -> list[str]:
+    """The paragraphs of a notes file, each joined into one line (a leading "- " is dropped)."""
+    paragraphs = [" ".join(block.split()) for block in path.read_text().split("\n\n")]
+    return [p.removeprefix("- ") for p in paragraphs if p]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("asset", type=Path)
@@ -105,8 +111,11 @@ def main() -> None:
     p.add_argument("--eval", type=Path, action="append", default=[], help="a `flextok evaluate` report folder")
     p.add_argument("--data", required=True, help="training data and split, in words")
     p.add_argument("--command-file", type=Path, required=True, help="the exact commands, one per line")
+    p.add_argument("--notes-file", type=Path, action="append", default=[],
+                   help="notes written by hand (measured figures, reasons), one per paragraph; blank lines separate them")
     p.add_argument("--note", action="append", default=[], help="a sentence for the notes section")
     args = p.parse_args()
+    notes = [n for f in args.notes_file for n in read_notes(f)] + args.note
 
     md = read_metadata(args.asset)
     kind, config = md["kind"], json.loads(md["config"])
@@ -150,8 +159,8 @@ def main() -> None:
         pictures = sorted(q.name for q in folder.glob("*.png"))
         rel = Path("reports") / folder.name
         lines += [""] + [f"![{q}]({rel / q})" for q in pictures]
-    if args.note:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     out = args.asset.with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     print(f"model card {out}")

@@ -98,19 +98,20 @@ $FLEXTOK sample --generator "$EM/generator.safetensors" --num-tokens 32 --per-co
   --decoder-steps 1 --out "$EM/reports/samples/prompts.png" --prompts "grinning face" "red heart" "thumbs up" \
   "fire" "cat face" "rocket" "slice of pizza" "sun with face" "green apple" "snowflake"
 
-# 7. Model cards (from the run summaries, the reports and the commands above).
+# 7. Model cards (from the run summaries, the reports, the commands above and the notes written by hand
+#    beside them: the notes quote the shipped run's measurements, which a rerun matches only within noise).
 CMDS=scripts/shipped_commands
 PY=${PY:-.venv/bin/python}
 $PY scripts/model_card.py "$FM/tokenizer.safetensors" --run "$RUNS/fm-tok" --run "$RUNS/fm-tok-dec/checkpoint_00007500" --run "$RUNS/fm-tok-full" --command-file $CMDS/fm-tokenizer.txt \
   --data "Fashion-MNIST train split (60,000 images, 28 px, grey as RGB); evaluated on the test split (10,000, never seen)" \
-  --eval "$FM/reports/tokenizer-1-step" --eval "$FM/reports/tokenizer-25-steps"
+  --eval "$FM/reports/tokenizer-1-step" --eval "$FM/reports/tokenizer-25-steps" --notes-file $CMDS/fm-tokenizer.notes.md
 $PY scripts/model_card.py "$FM/generator.safetensors" --run "$RUNS/fm-gen" --command-file $CMDS/fm-generator.txt \
   --data "the Fashion-MNIST train split's tokens from the tokenizer beside it (60,000 x 32 tokens, 10 classes)" \
   --eval "$FM/reports/generator-cfg-1" --eval "$FM/reports/generator-cfg-3" --eval "$FM/reports/generator-cfg-5" \
-  --eval "$FM/reports/samples"
+  --eval "$FM/reports/samples" --notes-file $CMDS/fm-generator.notes.md
 $PY scripts/model_card.py "$EM/tokenizer.safetensors" --run "$RUNS/emoji-tok" --command-file $CMDS/emoji-tokenizer.txt \
   --data "Noto Color Emoji train split (3,264 emoji, 32 px; a fixed 90/10 split by name hash); evaluated on the 391 held out" \
-  --eval "$EM/reports/tokenizer-1-step"
+  --eval "$EM/reports/tokenizer-1-step" --notes-file $CMDS/emoji-tokenizer.notes.md
 $PY scripts/model_card.py "$EM/generator.safetensors" --run "$RUNS/emoji-gen" --command-file $CMDS/emoji-generator.txt \
-  --data "the emoji train split's tokens from the tokenizer beside it, captioned with the emoji names" \
-  --eval "$EM/reports/samples"
+  --data "the emoji train split's tokens from the tokenizer beside it (3,264 x 32 tokens), captioned with the emoji names" \
+  --eval "$EM/reports/samples" --notes-file $CMDS/emoji-generator.notes.md
