@@ -782,7 +782,7 @@ def _user_error(error: BaseException) -> ValueError | None:
 
 def run_training(
     task: Any,
-    make_datasets: Callable[[], dict[str, Any]],
+    make_datasets: Callable[[int], dict[str, Any]],
     cfg: TrainConfig,
     *,
     run_url: str,
@@ -791,9 +791,10 @@ def run_training(
     quiet: bool = False,
     preflight: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `task` on `make_datasets()["train"]` into RUN; resume a partial RUN; skip a finished one.
+    """Train `task` on `make_datasets(order_seed)["train"]` into RUN; resume a partial RUN; skip a finished one.
 
-    An optional `make_datasets()["val"]` (small, held out) gives the EMA model's loss on it at every
+    `order_seed` (see `data_order_seed`) seeds the training stream's shard order, which the job reshuffles
+    at every epoch. An optional `make_datasets(order_seed)["val"]` (small, held out) gives the EMA model's loss on it at every
     checkpoint (TensorBoard `val/loss`, the progress log, `val_loss` in the summary).
 
     `preflight` runs before Ray starts and after the finished-run check (e.g. listing the inputs, so
@@ -823,7 +824,7 @@ def run_training(
 
         DataContext.get_current().enable_progress_bars = False
         cfg = resolve_resources(cfg)
-        datasets = make_datasets()
+        datasets = make_datasets(data_order_seed(cfg.seed, latest_checkpoint_step(store)))
         if not store.exists(JOB_FILE):
             store.write_json(JOB_FILE, {**settings, "resources": {
                 "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "cpus_per_worker": cfg.cpus_per_worker}})
@@ -873,6 +874,28 @@ def run_training(
             import ray
 
             ray.shutdown()
+
+
+def latest_checkpoint_step(store) -> int:
+    """The step of RUN's newest `checkpoint_<step>` folder (the one a resumed run starts from), 0 if none."""
+    try:
+        names = [posixpath.basename(e.rstrip("/")) for e in store.fs.ls(store.path(""), detail=False)]
+    except FileNotFoundError:
+        return 0
+    steps = [int(n[len("checkpoint_"):]) for n in names if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit()]
+    return max(steps, default=0)
+
+
+def data_order_seed(seed: int, resume_step: int) -> int:
+    """The seed of the training stream's shard order: from --seed, and from the step a resumed run starts at.
+
+    Each job shuffles its shards (files) with it through Ray Data's seeded, re-seeded-every-execution
+    shuffles, so every epoch reads the shards in a new order (a sorted corpus is not read sorted) and
+    the same command reads the same orders. A resumed run does not know where in its epoch it stopped
+    (the data position is not in the checkpoint); seeding by its step at least starts it on an order
+    of its own rather than replaying the first run's first epoch from the top.
+    """
+    return (seed * 1_000_003 + resume_step) % 2**31
 
 
 def summary_line(job: str, summary: Mapping[str, Any]) -> str:

@@ -277,14 +277,19 @@ def conditioned_rows(batch, *, column: str):
     return batch.filter(pc.is_valid(batch[column]))
 
 
-def token_dataset(store, data: TokenData, cond: str):
-    """Ray Dataset of (tokens, label | caption) rows read straight from DST's Parquet files."""
+def token_dataset(store, data: TokenData, cond: str, order_seed: int | None = None):
+    """Ray Dataset of (tokens, label | caption) rows read straight from DST's Parquet files.
+
+    With `order_seed` the files are read in a seeded order that changes at every epoch (execution);
+    without it, in listing order (held-out data).
+    """
     import pyarrow.fs
     import ray.data
 
     column = "label" if cond == "class" else "caption"
     filesystem = None if store.is_local else pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
-    ds = ray.data.read_parquet(data.paths, filesystem=filesystem).select_columns(["tokens", column])
+    shuffle = None if order_seed is None else ray.data.FileShuffleConfig(seed=order_seed, reseed_after_execution=True)
+    ds = ray.data.read_parquet(data.paths, filesystem=filesystem, shuffle=shuffle).select_columns(["tokens", column])
     return ds.map_batches(conditioned_rows, batch_format="pyarrow", fn_kwargs={"column": column})
 
 
@@ -419,10 +424,10 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--val-tokens {args.val_tokens} has {key}={val.metadata.get(key)!r}, --tokens has "
                                  f"{md.get(key)!r}: held-out tokens must come from the same tokenizer")
 
-    def datasets() -> dict:
+    def datasets(order_seed: int) -> dict:
         log.info("tokens: %s, %d rows in %d file(s), codebook %d, K %d, tokenizer %s", args.tokens, data.num_rows,
                  len(data.paths), md["codebook_size"], md["max_tokens"], md.get("checkpoint_id"))
-        out = {"train": token_dataset(store, data, args.cond)}
+        out = {"train": token_dataset(store, data, args.cond, order_seed)}
         if val is not None:
             out[tc.VAL] = token_dataset(val_store, val, args.cond).limit(args.val_items).materialize()
         return out

@@ -177,15 +177,21 @@ def training_rows(batch):
     return ok.select(["pixels"])
 
 
-def image_dataset(plan, storage_options: dict, image_size: int):
-    """Ray Dataset of decoded training images: the pipeline's read and decode stages, reused."""
+def image_dataset(plan, storage_options: dict, image_size: int, order_seed: int | None = None):
+    """Ray Dataset of decoded training images: the pipeline's read and decode stages, reused.
+
+    With `order_seed` the shards are read in a seeded order that changes at every epoch (execution);
+    without it, in the plan's order (held-out data).
+    """
     import ray.data
 
     from pipelines.decode import decode_batch
     from pipelines.sources import read_shard_batch
 
     items = [{"shard": shard.to_json(), "skip": None} for shard in plan.shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard
+    if order_seed is not None:  # shuffles the tiny shard descriptors only, before anything is read
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=order_seed, reseed_after_execution=True))
     ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"storage_options": storage_options})
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"image_size": image_size})
@@ -252,10 +258,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.val_data:
             plans[tc.VAL] = resolve_inputs(args.val_data, val_options)
 
-    def datasets() -> dict:
+    def datasets(order_seed: int) -> dict:
         plan = plans["train"]
         log.info("data: %s, %d %s shard(s)", args.data, len(plan.shards), plan.format)
-        out = {"train": image_dataset(plan, data_options, config.image_size)}
+        out = {"train": image_dataset(plan, data_options, config.image_size, order_seed)}
         if args.val_data:
             out[tc.VAL] = image_dataset(plans[tc.VAL], val_options, config.image_size).limit(args.val_items).materialize()
         return out
