@@ -1,11 +1,13 @@
 """Write the model card (Markdown) of a shipped checkpoint from the files its jobs left behind.
 
     python scripts/model_card.py ASSET.safetensors --run RUN [--run RUN2 ...] --eval EVAL_DIR [--eval EVAL_DIR ...]
-        --data "..." --command-file CMDS.txt [--notes-file NOTES.md] [--note "..."]
+        --data "..." --commands NAME [--script SCRIPT] [--notes-file NOTES.md] [--note "..."]
 
 Reads ASSET's metadata (kind, config, provenance), RUN/train_summary.json and RUN/job.json (steps,
 images or tokens seen, wall time, training settings) and each EVAL_DIR/metrics.json written by
-`flextok evaluate`, and writes ASSET with the suffix .md beside it. The card carries ASSET's sha256,
+`flextok evaluate`, and writes ASSET with the suffix .md beside it. The card's commands are the blocks
+of SCRIPT (`scripts/train_shipped_models.sh`) marked `# [card NAME]` ... `# [/card]`, written as a user
+types them (`flextok ...`, default paths, no log redirection), so the card cannot drift from the script. The card carries ASSET's sha256,
 so `tests/flextok/test_shipped_models.py` notices a card that no longer matches its file.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from flextok.checkpoint import file_sha256, read_metadata
@@ -97,6 +100,41 @@ def _stage(run: Path, asset: Path) -> tuple[dict, dict]:
     return summary, job
 
 
+SCRIPT = Path(__file__).with_name("train_shipped_models.sh")
+_ASSIGNMENT = re.compile(r"^([A-Z_]+)=(?:\$\{\1:-(.*)\}|(\S+))$")  # NAME=value or NAME=${NAME:-default}
+_VARIABLE = re.compile(r"\$\{?([A-Z_]+)\}?")
+_JOB_CONTROL = re.compile(r"^(\w+=\$!|wait\b.*)$")  # `pid=$!`, `wait $pid`: how the script overlaps runs
+_LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1")
+
+
+def card_commands(script: str, name: str) -> str:
+    """The commands of the blocks marked `# [card NAME]` ... `# [/card]` in `script`, as a user types them."""
+    values = {"FLEXTOK": "flextok"}  # the console script, not the venv path the shell script defaults to
+
+    def expand(text: str) -> str:
+        return _VARIABLE.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+    out, inside = [], False
+    for line in script.splitlines():
+        stripped = line.strip()
+        if not inside and (m := _ASSIGNMENT.match(stripped)) and m.group(1) not in values:
+            values[m.group(1)] = expand(m.group(2) if m.group(2) is not None else m.group(3))
+        if stripped == f"# [card {name}]":
+            inside = True
+        elif stripped == "# [/card]":
+            inside = False
+        elif inside and stripped and not _JOB_CONTROL.match(stripped):
+            line = re.sub(r'"([^" $]*/[^" $]*)"', r"\1", _LOG_REDIRECT.sub("", expand(line)))  # unquote plain paths
+            line = line.rstrip().removesuffix("&").rstrip()
+            if line:
+                out.append(line)
+            elif out and out[-1].endswith("\\"):  # the redirection had a continuation line of its own
+                out[-1] = out[-1].removesuffix("\\").rstrip()
+    if not out:
+        raise ValueError(f"no '# [card {name}]' block in the script")
+    return "\n".join(out)
+
+
 def read_notes(path: Path) -> list[str]:
     """The paragraphs of a notes file, each joined into one line (a leading "- " is dropped)."""
     paragraphs = [" ".join(block.split()) for block in path.read_text().split("\n\n")]
@@ -110,7 +148,8 @@ def main() -> None:
                    help="the training run folder; repeat for the stages of a multi-stage model, in order")
     p.add_argument("--eval", type=Path, action="append", default=[], help="a `flextok evaluate` report folder")
     p.add_argument("--data", required=True, help="training data and split, in words")
-    p.add_argument("--command-file", type=Path, required=True, help="the exact commands, one per line")
+    p.add_argument("--commands", required=True, metavar="NAME", help="the script's `# [card NAME]` blocks")
+    p.add_argument("--script", type=Path, default=SCRIPT, help="the reproduce script (default %(default)s)")
     p.add_argument("--notes-file", type=Path, action="append", default=[],
                    help="notes written by hand (measured figures, reasons), one per paragraph; blank lines separate them")
     p.add_argument("--note", action="append", default=[], help="a sentence for the notes section")
@@ -148,7 +187,7 @@ def main() -> None:
             lines.append(f"- text encoder (frozen, not in this file): `{md['text_encoder']}`")
     lines += ["", "## Config", "", "```json", json.dumps(config, indent=1, sort_keys=True), "```", "",
               "## Commands (from the repository root; `scripts/train_shipped_models.sh` runs them all)", "", "```bash",
-              args.command_file.read_text().strip(), "```"]
+              card_commands(args.script.read_text(), args.commands), "```"]
     for folder in args.eval:
         if (folder / "metrics.json").is_file():
             metrics = json.loads((folder / "metrics.json").read_text())

@@ -103,3 +103,43 @@ def test_the_fashion_mnist_tokenizer_is_trained(tmp_path):
     # K, 4.4 dB above k = 1 (stage 3 before it: 19.54 and +3.7; stage 2: 17.9 and +1.6), so a regression
     # to an earlier stage fails here
     assert psnr[32] > psnr[1] + 4.0 and psnr[32] > 20, psnr
+
+
+# The cards quote the reproduce script's `# [card NAME]` blocks: one source for both.
+REPO = Path(__file__).resolve().parents[1]
+CARDS = {"fashion-mnist/tokenizer.md": "fm-tokenizer", "fashion-mnist/generator.md": "fm-generator",
+         "emoji/tokenizer.md": "emoji-tokenizer", "emoji/generator.md": "emoji-generator"}
+
+
+def _card_commands(name: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_card", REPO / "scripts" / "model_card.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.card_commands((REPO / "scripts" / "train_shipped_models.sh").read_text(), name)
+
+
+@pytest.mark.parametrize("card", sorted(CARDS))
+def test_cards_quote_the_reproduce_script(card):
+    text = (ASSETS / card).read_text()
+    block = text.split("## Commands", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert block == _card_commands(CARDS[card])
+
+
+@pytest.mark.parametrize("name", sorted(set(CARDS.values())))
+def test_every_reproduce_command_is_accepted_by_the_cli(name):
+    """Each `flextok ...` command of a card parses with its job's own parser (no flag renamed or dropped)."""
+    import importlib
+    import shlex
+
+    from jobs.cli import COMMANDS
+
+    joined = _card_commands(name).replace("\\\n", " ")
+    commands = [shlex.split(line.replace("$cfg", "3")) for line in joined.splitlines()
+                if line.strip().startswith("flextok ")]
+    assert len(commands) >= 4
+    for words in commands:
+        assert words[1] in COMMANDS, words
+        parser = importlib.import_module(COMMANDS[words[1]][0]).build_parser()
+        parser.parse_args(words[2:])  # argparse exits (SystemExit fails the test) on an unknown flag
