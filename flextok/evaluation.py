@@ -100,6 +100,7 @@ def reconstruction_metrics(
     classifier: Any = None,
     steps: int = 25,
     guidance_scale: float = 1.0,
+    apg: bool = False,
     batch_size: int = 64,
     seed: int = 0,
     grid_images: int = 8,
@@ -131,7 +132,7 @@ def reconstruction_metrics(
         keep = max(0, min(grid_images - start, x.shape[0]))
         columns = [x[:keep].cpu()]
         for k in ks:
-            rec = tokenizer.detokenize(tokens[:, :k], steps=steps, guidance_scale=guidance_scale,
+            rec = tokenizer.detokenize(tokens[:, :k], steps=steps, guidance_scale=guidance_scale, apg=apg,
                                        generator=_seeded(seed, b, device))
             sq_err[k].append(mse_per_image(rec, x).cpu())
             if classifier is not None:

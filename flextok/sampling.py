@@ -143,6 +143,7 @@ def decode_tokens(
     batch_size: int = 64,
     steps: int = 25,
     guidance_scale: float = 1.0,
+    apg: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Token prefixes (N, k) or a list of 1D tensors -> images (N, 3, H, W) in [-1, 1] on CPU."""
@@ -150,7 +151,7 @@ def decode_tokens(
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        images = tokenizer.detokenize(chunk, steps=steps, guidance_scale=guidance_scale, generator=generator)
+        images = tokenizer.detokenize(chunk, steps=steps, guidance_scale=guidance_scale, apg=apg, generator=generator)
         out.append(images.cpu())
     return torch.cat(out)
 
@@ -169,6 +170,7 @@ def sample(
     cfg_scale: float | None = None,
     decoder_steps: int = 25,
     decoder_guidance: float = 1.0,
+    decoder_apg: bool = False,
     rng: torch.Generator | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +191,8 @@ def sample(
             chunk, num_tokens=num_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             cfg_scale=cfg_scale, generator=rng,
         )
-        images = tokenizer.detokenize(tokens, steps=decoder_steps, guidance_scale=decoder_guidance, generator=rng)
+        images = tokenizer.detokenize(tokens, steps=decoder_steps, guidance_scale=decoder_guidance, apg=decoder_apg,
+                                      generator=rng)
         all_tokens.append(tokens.cpu())
         all_images.append(images.cpu())
         if on_batch is not None:

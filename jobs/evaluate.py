@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token counts (default 1, 2, 4, ..., K)")
     t.add_argument("--steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
     t.add_argument("--guidance", type=float, default=1.0, help="decoder guidance scale (default %(default)s)")
+    t.add_argument("--apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
     t.add_argument("--classifier", default=None, metavar="CKPT",
                    help="classifier checkpoint (from train-classifier): also report how often it gives originals "
                    "and reconstructions their true label")
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     g.add_argument("--decoder-steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
     g.add_argument("--decoder-guidance", type=float, default=1.0, help="decoder guidance (default %(default)s)")
+    g.add_argument("--decoder-apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
     g.add_argument("--grid-conditions", type=positive_int, default=10, help="rows of the sample grid (default %(default)s)")
     _common(g)
 
@@ -205,7 +207,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     log.info("evaluating %s on %d images of %s at k = %s", tokenizer.checkpoint_id, len(corpus.keys), args.data, ks)
     result = reconstruction_metrics(
         tokenizer, corpus.images, ks, labels=corpus.labels, classifier=classifier, steps=args.steps,
-        guidance_scale=args.guidance, batch_size=args.batch_size, seed=args.seed, grid_images=args.grid_images,
+        guidance_scale=args.guidance, apg=args.apg, batch_size=args.batch_size, seed=args.seed, grid_images=args.grid_images,
         feature_net=feature_net, progress=log.info,
     )
     seconds = time.perf_counter() - start
@@ -215,7 +217,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
         "kind": "tokenizer",
         "tokenizer": {**_describe_model(tokenizer), "config": tokenizer.config.to_dict()},
         "data": args.data, "num_images": result.num_images, "skipped_images": corpus.num_errors,
-        "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+        "steps": args.steps, "guidance": args.guidance, "apg": args.apg, "seed": args.seed,
         "psnr_definition": "mean over images of 10*log10(4/MSE), images in [-1, 1]",
         "mean_image_psnr": result.mean_image_psnr,
         "per_k": result.per_k(),
@@ -257,7 +259,8 @@ def _write_tokenizer_report(path: Path, metrics: dict, result, pictures: list[st
         "# Tokenizer evaluation", "",
         f"- tokenizer: `{tok['checkpoint_id']}` (sha256 `{tok['checkpoint_sha256'] or 'none: random weights'}`)",
         f"- data: `{metrics['data']}`, {metrics['num_images']} images ({metrics['skipped_images']} skipped)",
-        f"- decoder: {metrics['steps']} Euler steps, guidance {metrics['guidance']}, seed {metrics['seed']}",
+        f"- decoder: {metrics['steps']} Euler steps, guidance {metrics['guidance']}{' (APG)' if metrics['apg'] else ''}, "
+        f"seed {metrics['seed']}",
         f"- PSNR: {metrics['psnr_definition']}; mean-image baseline {_fmt(result.mean_image_psnr)} dB",
     ]
     if metrics["classifier"]:
@@ -345,7 +348,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
         classifier=classifier, grid_conditions=grid_rows, batch_size=args.batch_size, seed=args.seed,
         progress=log.info, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         cfg_scale=None if args.cfg_scale == 1.0 else args.cfg_scale, decoder_steps=args.decoder_steps,
-        decoder_guidance=args.decoder_guidance,
+        decoder_guidance=args.decoder_guidance, decoder_apg=args.decoder_apg,
     )
     result.reference_floor_fid = reference_floor_fid(ref_features, n, seed=args.seed)
     real_accuracy = None
@@ -370,7 +373,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
         "reference_floor_fid": result.reference_floor_fid,
         "sampling": {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k,
                      "top_p": args.top_p, "decoder_steps": args.decoder_steps,
-                     "decoder_guidance": args.decoder_guidance, "seed": args.seed},
+                     "decoder_guidance": args.decoder_guidance, "decoder_apg": args.decoder_apg, "seed": args.seed},
         "per_k": result.per_k(),
         "seconds": round(seconds, 1),
     }
@@ -415,7 +418,8 @@ def _write_generator_report(path: Path, metrics: dict, pictures: list[str]) -> N
         f"- floor: FID of held-out images themselves (up to {metrics['num_samples']} of them against the "
         f"others): {_fmt(metrics['reference_floor_fid'])}",
         f"- sampling: CFG {s['cfg_scale']}, temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}, "
-        f"decoder {s['decoder_steps']} steps / guidance {s['decoder_guidance']}, seed {s['seed']}",
+        f"decoder {s['decoder_steps']} steps / guidance {s['decoder_guidance']}"
+        f"{' (APG)' if s.get('decoder_apg') else ''}, seed {s['seed']}",
     ]
     if metrics["classifier"]:
         lines.append(f"- judge: `{metrics['classifier']['checkpoint_id']}`, accuracy on the real held-out images "

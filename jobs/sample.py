@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-steps", type=positive_int, default=25, help="Euler steps of the tokenizer's flow decoder (default %(default)s)")
     p.add_argument("--decoder-guidance", type=float, default=1.0,
                    help="classifier-free guidance scale of the tokenizer's decoder (default %(default)s)")
+    p.add_argument("--decoder-apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images generated per batch (default %(default)s)")
     p.add_argument("--save-images", type=Path, default=None, metavar="DIR",
                    help="also write every sample as DIR/<n>-<condition>_<index>.png")
@@ -207,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     tokens, images = sample(
         generator, tokenizer, expanded, num_tokens=args.num_tokens, batch_size=args.batch_size,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg,
-        decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance, rng=rng,
+        decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance, decoder_apg=args.decoder_apg, rng=rng,
         on_batch=lambda done, total: log.info("sampled %d/%d", done, total),
     )
     R = len(conditions)

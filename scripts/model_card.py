@@ -32,7 +32,8 @@ def _duration(seconds: float) -> str:
 
 def tokenizer_section(metrics: dict) -> list[str]:
     lines = [
-        f"Decoder: {metrics['steps']} Euler step(s), guidance {metrics['guidance']}, seed {metrics['seed']}; "
+        f"Decoder: {metrics['steps']} Euler step(s), guidance {metrics['guidance']}"
+        f"{' (APG)' if metrics.get('apg') else ''}, seed {metrics['seed']}; "
         f"{metrics['num_images']} held-out images of `{Path(metrics['data']).name}`; mean-image PSNR baseline "
         f"{_fmt(metrics['mean_image_psnr'])} dB.",
     ]

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import flextok
 from flextok import FlexTok, viz
 from flextok.checkpoint import read_metadata
 from flextok.classifier import Classifier, ClassifierConfig
@@ -96,6 +97,27 @@ def test_evaluate_tokenizer_writes_numbers_plot_grid_and_report(setup, tmp_path,
     assert (out / "accuracy_vs_k.png").is_file() and (out / "rfid_vs_k.png").is_file()
     report = (out / "report.md").read_text()
     assert "| 8 |" in report and "![psnr_vs_k.png](psnr_vs_k.png)" in report
+
+
+def test_decoder_apg_reaches_the_decoder_and_the_report(setup, tmp_path, capsys):
+    """`--apg` (tokenizer) and `--decoder-apg` (generator) decode with APG, not plain CFG, and say so."""
+    shipped = Path(flextok.__file__).parent / "assets" / "fashion-mnist" / "tokenizer.safetensors"  # a random
+    mse = {}  # tokenizer's zero-initialised decoder ignores its tokens: guided = unguided, whatever the rule
+    for name, extra in (("cfg", []), ("apg", ["--apg"])):
+        rc = _run(["tokenizer", "--tokenizer", shipped, "--data", setup["corpus"], "--out", tmp_path / name,
+                   "--max-images", 4, "--ks", "8", "--steps", 2, "--guidance", 3, "--grid-images", 2, *extra, *FAST])
+        assert rc == 0, capsys.readouterr().err
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["apg"] is (name == "apg") and metrics["guidance"] == 3
+        assert ("(APG)" in (tmp_path / name / "report.md").read_text()) is (name == "apg")
+        mse[name] = metrics["per_k"][0]["mse"]
+    assert mse["apg"] != pytest.approx(mse["cfg"], rel=1e-4)  # same noise, another guidance rule
+    rc = _run(["generator", "--generator", setup["generator"], "--data", setup["corpus"], "--out", tmp_path / "gen",
+               "--classifier", setup["judge"], "--num-samples", 4, "--tokens-list", "2", "--decoder-steps", 1,
+               "--decoder-guidance", 2, "--decoder-apg", "--grid-conditions", 2, *FAST])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "gen" / "metrics.json").read_text())["sampling"]["decoder_apg"] is True
+    assert "(APG)" in (tmp_path / "gen" / "report.md").read_text()
 
 
 def test_evaluate_generator_in_classifier_space(setup, tmp_path, capsys):
