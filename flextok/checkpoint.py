@@ -53,6 +53,9 @@ def _check_safetensors(path: Path) -> None:
     """Refuse anything that is not a safetensors file, pickles and torch zip archives above all."""
     with open(path, "rb") as f:
         head = f.read(9)
+    # safetensors first: its little-endian header length may itself start with 0x80, pickle's PROTO byte
+    if len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER_BYTES and head[8:9] == b"{":
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{path} is a pickle-based (torch.save) file; only safetensors checkpoints are loaded, "
@@ -60,9 +63,7 @@ def _check_safetensors(path: Path) -> None:
         )
     if len(head) < 9:
         raise CheckpointError(f"{path} is not a safetensors file (too short)")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len > _MAX_HEADER_BYTES or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is not a safetensors file")
+    raise CheckpointError(f"{path} is not a safetensors file")
 
 
 def save_checkpoint(

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flextok import CheckpointError, FlexTok, load_tokenizer
-from flextok.checkpoint import read_metadata
+from flextok.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 SMALL = dict(encoder_dim=64, decoder_dim=64, head_dim=32, encoder_depth=2, decoder_depth=2)
 OFFICIAL = Path(__file__).resolve().parents[3] / "shared" / "flextok-official"
@@ -127,6 +129,30 @@ def test_pickle_checkpoints_are_refused(model, tmp_path):
     (tmp_path / "z.safetensors").write_bytes(buf.getvalue())
     with pytest.raises(CheckpointError):
         FlexTok.from_pretrained(tmp_path / "z.safetensors")
+
+
+@settings(max_examples=40, deadline=None)
+@given(pad=st.integers(min_value=0, max_value=600))
+def test_every_saved_checkpoint_loads_whatever_its_header_length(pad, tmp_path_factory):
+    """A safetensors header length whose low byte is 0x80 (pickle's PROTO opcode) is still safetensors:
+    one checkpoint in 256 used to be refused as a pickle. The padding walks the header length through
+    more than two full cycles of its low byte, 0x80 included."""
+    path = tmp_path_factory.mktemp("pad") / "w.safetensors"
+    state = {"w": torch.arange(6, dtype=torch.float32).view(2, 3)}
+    save_checkpoint(path, state, kind="Test", config={"pad": "x" * pad})
+    loaded, metadata = load_checkpoint(path)
+    assert torch.equal(loaded["w"], state["w"]) and json.loads(metadata["config"])["pad"] == "x" * pad
+
+
+def test_a_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    path = tmp_path / "w.safetensors"
+    state = {"w": torch.ones(2)}
+    for pad in range(300):  # find the padding that puts 0x80 in the header length's first byte
+        save_checkpoint(path, state, kind="Test", config={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(load_checkpoint(path)[0]["w"], state["w"])
 
 
 def test_missing_and_mismatched_checkpoints_give_one_line_errors(model, tmp_path):
