@@ -89,6 +89,8 @@ class FlexTokConfig:
     fsq: FSQConfig = field(default_factory=FSQConfig)
     vae: VAEConfig | None = None
     nested_dropout_mode: str = "uniform"
+    # Fraction of training examples that keep all K registers (the rest draw k by the mode above).
+    full_k_fraction: float = 0.0
     cond_dropout_prob: float = 0.1
     time_sampling: str = "logit_normal"
     # Fraction of training flow times drawn uniformly instead of logit-normally: logit-normal rarely
@@ -126,6 +128,8 @@ class FlexTokConfig:
             raise ValueError("uniform_time_fraction must be in [0, 1]")
         if not 0.0 <= self.noise_time_fraction <= 1.0:
             raise ValueError("noise_time_fraction must be in [0, 1]")
+        if not 0.0 <= self.full_k_fraction <= 1.0:
+            raise ValueError("full_k_fraction must be in [0, 1]")
         if self.vae is not None and self.image_size % self.vae.downsample:
             raise ValueError(f"image_size {self.image_size} not divisible by VAE downsample")
 

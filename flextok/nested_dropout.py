@@ -14,11 +14,14 @@ def sample_keep_k(
     num_registers: int,
     mode: str,
     *,
+    full_fraction: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """(B,) int64 in 1..K: uniform over 1..K, or uniform over the powers of two 1, 2, 4, .. <= K
-    (K itself is always included)."""
+    (K itself is always included). A `full_fraction` share of the samples keeps all K instead: under
+    either mode the last registers see a gradient only when k reaches them (register K one sample in
+    K under uniform), so a tokenizer can leave them nearly unused."""
     gen_device = generator.device if generator is not None else "cpu"
     if mode == "uniform":
         k = torch.randint(1, num_registers + 1, (batch_size,), generator=generator, device=gen_device)
@@ -30,6 +33,9 @@ def sample_keep_k(
         k = table[torch.randint(0, len(choices), (batch_size,), generator=generator, device=gen_device)]
     else:
         raise ValueError(f"unknown nested dropout mode {mode!r}")
+    if full_fraction > 0:
+        full = torch.rand((batch_size,), generator=generator, device=gen_device) < full_fraction
+        k = torch.where(full, torch.full_like(k, num_registers), k)
     return k.to(device) if device is not None else k
 
 

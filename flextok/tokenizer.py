@@ -225,7 +225,10 @@ class FlexTok(nn.Module):
         latents = self.images_to_latents(images)
         B = latents.shape[0]
         codes, _ = self.fsq(self.encoder(latents))
-        keep_k = sample_keep_k(B, c.num_registers, c.nested_dropout_mode, generator=generator, device=latents.device)
+        keep_k = sample_keep_k(
+            B, c.num_registers, c.nested_dropout_mode, full_fraction=c.full_k_fraction, generator=generator,
+            device=latents.device,
+        )
         gen_device = generator.device if generator is not None else latents.device
         drop = (torch.rand(B, generator=generator, device=gen_device) < c.cond_dropout_prob).to(latents.device)
         registers = self.decoder.embed_registers(codes, keep_k, drop)

@@ -31,12 +31,16 @@ ARCH_FLAGS = {
     "image_size": "image_size", "patch_size": "patch_size", "num_registers": "num_registers",
     "encoder_depth": "encoder_depth", "encoder_dim": "encoder_dim", "decoder_depth": "decoder_depth",
     "decoder_dim": "decoder_dim", "head_dim": "head_dim", "nested_dropout": "nested_dropout_mode",
+    "full_k_fraction": "full_k_fraction",
     "time_sampling": "time_sampling", "uniform_time_fraction": "uniform_time_fraction",
     "noise_time_fraction": "noise_time_fraction",
     "cond_dropout": "cond_dropout_prob",
 }
 # The flags that only change how the model trains: allowed with --init (fine-tuning).
-TRAINING_FLAGS = ("nested_dropout", "time_sampling", "uniform_time_fraction", "noise_time_fraction", "cond_dropout")
+TRAINING_FLAGS = (
+    "nested_dropout", "full_k_fraction", "time_sampling", "uniform_time_fraction", "noise_time_fraction",
+    "cond_dropout",
+)
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-dim", type=positive_int, help="attention head width")
     g.add_argument("--fsq-levels", type=_levels, help="FSQ levels, e.g. 8,5,5,5 (1,000 codes)")
     g.add_argument("--nested-dropout", choices=NESTED_DROPOUT_MODES, help="how k is drawn in training")
+    g.add_argument("--full-k-fraction", type=float,
+                   help="fraction of examples that keep all K tokens (the rest draw k by --nested-dropout): "
+                   "trains the last tokens more often than nested dropout alone")
     g.add_argument("--time-sampling", choices=TIME_SAMPLING_MODES, help="flow time distribution")
     g.add_argument("--uniform-time-fraction", type=float, help="fraction of flow times drawn uniformly")
     g.add_argument("--noise-time-fraction", type=float,

@@ -1,5 +1,6 @@
 """The rectified-flow process: time convention, exact-velocity Euler, guidance."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,16 +119,13 @@ def test_a_noise_time_fraction_of_examples_sits_exactly_at_pure_noise(noise, mod
         assert 0.4 < rest.mean().item() < 0.6
 
 
-def test_noise_time_fraction_is_validated_and_round_trips():
+@pytest.mark.parametrize("field", ["noise_time_fraction", "full_k_fraction"])
+def test_training_fractions_are_validated_and_round_trip(field):
     from flextok import FlexTokConfig
     from flextok.config import get_preset
 
-    config = get_preset("tiny").replace(noise_time_fraction=0.5)
+    config = get_preset("tiny").replace(**{field: 0.5})
     assert FlexTokConfig.from_dict(config.to_dict()) == config
     for bad in (-0.1, 1.5):
-        try:
-            get_preset("tiny").replace(noise_time_fraction=bad)
-        except ValueError as e:
-            assert "noise_time_fraction" in str(e)
-        else:
-            raise AssertionError(f"{bad} accepted")
+        with pytest.raises(ValueError, match=field):
+            get_preset("tiny").replace(**{field: bad})

@@ -101,6 +101,22 @@ def test_sample_keep_k_modes():
     assert keep_mask(torch.tensor([0, 2]), 3).tolist() == [[False] * 3, [True, True, False]]
 
 
+@settings(max_examples=20, deadline=None)
+@given(full=st.sampled_from([0.0, 0.25, 0.5, 1.0]), mode=st.sampled_from(["uniform", "pow2"]),
+       K=st.sampled_from([8, 24, 32]))
+def test_a_full_fraction_of_samples_keeps_every_register(full, mode, K):
+    n = 20_000
+    k = sample_keep_k(n, K, mode, full_fraction=full, generator=torch.Generator().manual_seed(0))
+    assert bool(((k >= 1) & (k <= K)).all())
+    # k = K comes from the full share plus the mode's own share of K: 1/K (uniform) or 1/#powers (pow2).
+    choices = K if mode == "uniform" else len([c for c in range(1, K + 1) if c & (c - 1) == 0 or c == K])
+    expected = full + (1 - full) / choices
+    assert abs((k == K).double().mean().item() - expected) < 0.015  # binomial std <= 0.0036
+    if full < 1:  # the rest keep the mode's distribution over 1..K-1
+        rest = k[k < K]
+        assert rest.min().item() == 1 and rest.unique().numel() == choices - 1
+
+
 @settings(max_examples=10, deadline=None)
 @given(p=st.sampled_from([1, 2, 4]), c=st.integers(1, 4), g=st.integers(1, 4))
 def test_patchify_round_trip(p, c, g):

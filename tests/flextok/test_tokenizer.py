@@ -88,6 +88,34 @@ def test_training_forward_is_differentiable_and_seeded(model):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("full", [0.0, 1.0])
+def test_full_k_fraction_sends_a_gradient_to_the_last_token(model, full):
+    """Under nested dropout the last of K registers is dropped for most samples (no gradient reaches
+    its code); full_k_fraction = 1 keeps it for every sample."""
+    captured = []
+
+    def keep_codes(module, inputs, output):
+        output[0].retain_grad()
+        captured.append(output[0])
+
+    trained = FlexTok.from_config(model.config.replace(
+        full_k_fraction=full, nested_dropout_mode="uniform", cond_dropout_prob=0.0  # the null condition drops all
+    ))
+    torch.manual_seed(0)
+    with torch.no_grad():  # the decoder's zero-initialised output layers pass no gradient back yet
+        for p in trained.decoder.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+    handle = trained.fsq.register_forward_hook(keep_codes)
+    try:
+        trained(_images(8), generator=torch.Generator().manual_seed(0))["loss"].backward()
+    finally:
+        handle.remove()
+    last = captured[0].grad[:, -1].abs().sum(dim=-1)  # (B,) gradient at the last register's code
+    reached = int((last > 0).sum())
+    assert reached == 8 if full == 1.0 else reached < 8, (reached, last)
+
+
 def test_checkpoint_round_trip_is_bit_exact(model, tmp_path):
     path = model.save_pretrained(tmp_path / "tok")
     assert path.name == "model.safetensors"

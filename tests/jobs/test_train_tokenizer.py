@@ -76,9 +76,9 @@ def test_init_starts_from_the_checkpoint_and_keeps_its_architecture(real_batch, 
     start = FlexTok.from_config(tiny_task().config.replace(uniform_time_fraction=0.0))
     path = start.save_pretrained(tmp_path / "start.safetensors")
     args = build_parser().parse_args(["--data", "x", "--output", "y", "--init", str(path),
-                                      "--uniform-time-fraction", "0.7"])  # training behaviour may change
-    config = model_config(args, str(path))
-    assert config == start.config.replace(uniform_time_fraction=0.7)
+                                      "--uniform-time-fraction", "0.7", "--full-k-fraction", "0.5"])
+    config = model_config(args, str(path))  # training behaviour may change
+    assert config == start.config.replace(uniform_time_fraction=0.7, full_k_fraction=0.5)
     task = TokenizerTask(config=config, preset=None, init_path=str(path), init_sha256=start.checkpoint_sha256)
     torch.manual_seed(2)  # a different seed would give different random weights
     trainer = Trainer(task, TrainConfig(max_steps=2, warmup_steps=0, batch_size=8), torch.device("cpu"))
