@@ -131,6 +131,32 @@ class FlexTok(nn.Module):
             self.config.num_patches, self.config.num_registers, device=device
         )
 
+    def load_with_fewer_decoder_blocks(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Load a checkpoint of this architecture but with fewer decoder blocks (growing the decoder):
+        its blocks become this model's first ones, the others keep their adaLN-zero initialisation,
+        under which a block is exactly the identity, so the model starts as the checkpoint's function.
+        Returns the names of the parameters that did not come from `state`."""
+        own = self.state_dict()
+        prefix, depth = "decoder.blocks.", self.config.decoder_depth
+        loaded_depth = len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+        if loaded_depth >= depth:
+            raise CheckpointError(f"the checkpoint has {loaded_depth} decoder blocks; growing needs fewer than {depth}")
+        new_blocks = tuple(f"{prefix}{i}." for i in range(loaded_depth, depth))
+        fresh = sorted(k for k in own if k.startswith(new_blocks))
+        missing = sorted(set(own) - set(state) - set(fresh))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"checkpoint does not match the model beyond its decoder depth: missing {missing[:8]}, "
+                f"unexpected {unexpected[:8]}, wrong shape {wrong[:8]}"
+            )
+        for block in self.decoder.blocks[loaded_depth:]:  # identity until trained, whatever init ran before
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        self.load_state_dict(state, strict=False)
+        return fresh
+
     def freeze_tokens(self) -> FlexTok:
         """Freeze everything that defines the tokens (VAE, encoder, FSQ): training then moves only the
         flow decoder, so every token this model emits stays what it was (decoder fine-tuning)."""

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-registers", type=positive_int, help="K, the most tokens per image")
     g.add_argument("--encoder-depth", type=positive_int, help="encoder transformer blocks")
     g.add_argument("--encoder-dim", type=positive_int, help="encoder width (a multiple of --head-dim)")
-    g.add_argument("--decoder-depth", type=positive_int, help="decoder transformer blocks")
+    g.add_argument("--decoder-depth", type=positive_int,
+                   help="decoder transformer blocks; with --init, more than the checkpoint's grows its decoder "
+                   "(new blocks start as the identity, so training starts from the checkpoint's reconstructions)")
     g.add_argument("--decoder-dim", type=positive_int, help="decoder width (a multiple of --head-dim)")
     g.add_argument("--head-dim", type=positive_int, help="attention head width")
     g.add_argument("--fsq-levels", type=_levels, help="FSQ levels, e.g. 8,5,5,5 (1,000 codes)")
@@ -118,7 +120,11 @@ class TokenizerTask:
 
         model = FlexTok.from_config(self.config, device)
         if self.init_path is not None:
-            model.load_state_dict_strict(FlexTok.from_pretrained(self.init_path, device=device).state_dict())
+            init = FlexTok.from_pretrained(self.init_path, device=device)
+            if init.config.decoder_depth < self.config.decoder_depth:  # --decoder-depth grows the decoder
+                model.load_with_fewer_decoder_blocks(init.state_dict())
+            else:
+                model.load_state_dict_strict(init.state_dict())
             model.checkpoint_id = f"init:{self.init_path}"
         else:
             model.checkpoint_id = f"preset:{self.preset}"
@@ -214,12 +220,15 @@ def model_config(args: argparse.Namespace, init_path: str | None = None):
     if init_path is not None:
         from flextok import FlexTok
 
-        shaped = sorted(given - set(TRAINING_FLAGS)) + (["fsq_levels"] if args.fsq_levels is not None else [])
-        shaped += ["preset"] if args.preset is not None else []
+        shaped = sorted(given - set(TRAINING_FLAGS) - {"decoder_depth"})
+        shaped += (["fsq_levels"] if args.fsq_levels is not None else []) + (["preset"] if args.preset is not None else [])
         if shaped:
             raise ValueError(f"--init takes the architecture from {init_path}; drop "
                              + ", ".join("--" + f.replace("_", "-") for f in shaped))
         config = FlexTok.config_of(init_path)
+        if args.decoder_depth is not None and args.decoder_depth < config.decoder_depth:
+            raise ValueError(f"--decoder-depth {args.decoder_depth}: {init_path} has {config.decoder_depth} decoder "
+                             "blocks; a fine-tune can add blocks (they start as the identity), not remove them")
     else:
         config = get_preset(args.preset or DEFAULT_PRESET)
     changes = {ARCH_FLAGS[flag]: getattr(args, flag) for flag in given}

@@ -101,11 +101,7 @@ def test_full_k_fraction_sends_a_gradient_to_the_last_token(model, full):
     trained = FlexTok.from_config(model.config.replace(
         full_k_fraction=full, nested_dropout_mode="uniform", cond_dropout_prob=0.0  # the null condition drops all
     ))
-    torch.manual_seed(0)
-    with torch.no_grad():  # the decoder's zero-initialised output layers pass no gradient back yet
-        for p in trained.decoder.parameters():
-            if not p.any():
-                p.normal_(std=0.02)
+    trained.load_state_dict(model.state_dict())  # trained-like: a fresh decoder passes no gradient back yet
     handle = trained.fsq.register_forward_hook(keep_codes)
     try:
         trained(_images(8), generator=torch.Generator().manual_seed(0))["loss"].backward()
@@ -114,6 +110,35 @@ def test_full_k_fraction_sends_a_gradient_to_the_last_token(model, full):
     last = captured[0].grad[:, -1].abs().sum(dim=-1)  # (B,) gradient at the last register's code
     reached = int((last > 0).sum())
     assert reached == 8 if full == 1.0 else reached < 8, (reached, last)
+
+
+@settings(max_examples=3, deadline=None)
+@given(extra=st.integers(1, 3))
+def test_a_grown_decoder_starts_as_exactly_the_checkpoint(model, extra):
+    depth = model.config.decoder_depth
+    grown = FlexTok.from_config(model.config.replace(decoder_depth=depth + extra))
+    fresh = grown.load_with_fewer_decoder_blocks(model.state_dict())
+    assert {name.split(".")[2] for name in fresh} == {str(i) for i in range(depth, depth + extra)}
+    assert all(name.startswith("decoder.blocks.") for name in fresh)
+    x = _images(4)
+    tokens = model.tokenize(x)
+    assert torch.equal(grown.tokenize(x), tokens)
+    for k in (1, 32):
+        a = model.detokenize(tokens[:, :k], steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(k))
+        b = grown.detokenize(tokens[:, :k], steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(k))
+        assert torch.equal(a, b)
+    loss = grown(x, generator=torch.Generator().manual_seed(0))["loss"]
+    assert torch.equal(loss, model(x, generator=torch.Generator().manual_seed(0))["loss"])
+    loss.backward()  # the new blocks learn: their (zero) modulation gets a gradient
+    assert grown.decoder.blocks[depth].adaLN_modulation[1].weight.grad.abs().sum() > 0
+
+
+def test_growing_needs_fewer_blocks_and_the_same_widths(model):
+    with pytest.raises(CheckpointError, match="growing needs fewer"):
+        FlexTok.from_config(model.config).load_with_fewer_decoder_blocks(model.state_dict())
+    wider = FlexTok.from_config(model.config.replace(decoder_depth=4, decoder_dim=96))
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        wider.load_with_fewer_decoder_blocks(model.state_dict())
 
 
 def test_checkpoint_round_trip_is_bit_exact(model, tmp_path):

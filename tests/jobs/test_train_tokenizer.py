@@ -94,6 +94,29 @@ def test_init_starts_from_the_checkpoint_and_keeps_its_architecture(real_batch, 
             model_config(args, str(path))
 
 
+def test_init_with_a_deeper_decoder_grows_it_and_keeps_the_reconstructions(real_batch, tmp_path):
+    torch.manual_seed(4)
+    start = FlexTok.from_config(tiny_task().config.replace(decoder_depth=2))
+    with torch.no_grad():  # trained-like: non-zero modulations, so the check below is not trivially true
+        for p in start.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = start.save_pretrained(tmp_path / "start.safetensors")
+    grow = ["--data", "x", "--output", "y", "--init", str(path), "--freeze-encoder"]
+    config = model_config(build_parser().parse_args([*grow, "--decoder-depth", "4"]), str(path))
+    assert config == start.config.replace(decoder_depth=4)
+    task = TokenizerTask(config=config, preset=None, init_path=str(path), init_sha256=start.checkpoint_sha256,
+                         same_tokens_as=(start.checkpoint_sha256,))
+    model = task.build_model(torch.device("cpu"))
+    images = task.prepare_batch(real_batch, torch.device("cpu"))[:4]
+    tokens = start.tokenize(images)
+    assert torch.equal(model.tokenize(images), tokens)
+    assert torch.equal(model.detokenize(tokens, steps=2, generator=torch.Generator().manual_seed(0)),
+                       start.detokenize(tokens, steps=2, generator=torch.Generator().manual_seed(0)))
+    assert not any(p.requires_grad for p in model.encoder.parameters())  # --freeze-encoder still holds
+    with pytest.raises(ValueError, match="not remove them"):
+        model_config(build_parser().parse_args([*grow, "--decoder-depth", "1"]), str(path))
+
+
 def test_freeze_encoder_trains_the_decoder_and_keeps_every_token(real_batch, tmp_path):
     torch.manual_seed(3)
     start = FlexTok.from_config(tiny_task().config)
