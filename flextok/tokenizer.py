@@ -111,10 +111,11 @@ class FlexTok(nn.Module):
             return official.infer_config(shapes)
         return cls.from_pretrained(path).config  # neither: the full load gives the one-line error
 
-    def load_state_dict_strict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load every key exactly (names and shapes); a mismatch is an error listing the keys."""
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor], *, fresh: Sequence[str] = ()) -> None:
+        """Load every key exactly (names and shapes); a mismatch is an error listing the keys. The
+        parameters named in `fresh` may be absent from `state`: they keep their current values."""
         own = self.state_dict()
-        missing = sorted(set(own) - set(state))
+        missing = sorted(set(own) - set(state) - set(fresh))
         unexpected = sorted(set(state) - set(own))
         wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or wrong:
@@ -122,7 +123,7 @@ class FlexTok(nn.Module):
                 f"checkpoint does not match the model: missing {missing[:8]}, unexpected "
                 f"{unexpected[:8]}, wrong shape {wrong[:8]} ({len(missing)}/{len(unexpected)}/{len(wrong)})"
             )
-        self.load_state_dict(state, strict=True, assign=True)
+        self.load_state_dict(state, strict=not fresh, assign=True)
         # Non-persistent buffers (FSQ tables, the encoder mask) are derived from the config; a model
         # built on `meta` gets them rebuilt on the device the loaded weights live on.
         device = next(self.parameters()).device
@@ -136,25 +137,16 @@ class FlexTok(nn.Module):
         its blocks become this model's first ones, the others keep their adaLN-zero initialisation,
         under which a block is exactly the identity, so the model starts as the checkpoint's function.
         Returns the names of the parameters that did not come from `state`."""
-        own = self.state_dict()
         prefix, depth = "decoder.blocks.", self.config.decoder_depth
         loaded_depth = len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
         if loaded_depth >= depth:
             raise CheckpointError(f"the checkpoint has {loaded_depth} decoder blocks; growing needs fewer than {depth}")
-        new_blocks = tuple(f"{prefix}{i}." for i in range(loaded_depth, depth))
-        fresh = sorted(k for k in own if k.startswith(new_blocks))
-        missing = sorted(set(own) - set(state) - set(fresh))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"checkpoint does not match the model beyond its decoder depth: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}, wrong shape {wrong[:8]}"
-            )
         for block in self.decoder.blocks[loaded_depth:]:  # identity until trained, whatever init ran before
             nn.init.zeros_(block.adaLN_modulation[1].weight)
             nn.init.zeros_(block.adaLN_modulation[1].bias)
-        self.load_state_dict(state, strict=False)
+        new_blocks = tuple(f"{prefix}{i}." for i in range(loaded_depth, depth))
+        fresh = sorted(k for k in self.state_dict() if k.startswith(new_blocks))
+        self.load_state_dict_strict(state, fresh=fresh)
         return fresh
 
     def freeze_tokens(self) -> FlexTok:
