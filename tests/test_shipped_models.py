@@ -6,6 +6,7 @@ model card that names its exact sha256, and (generators) name the sha256 of the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -51,7 +52,12 @@ def test_checkpoint_loads_with_its_recorded_config_and_card(name):
     md = read_metadata(path)
     assert md["kind"] == SHIPPED[name]
     model = _load(path)
-    assert json.loads(json.dumps(model.config.to_dict())) == json.loads(md["config"])  # tuples vs JSON lists
+    recorded, loaded = json.loads(md["config"]), json.loads(json.dumps(model.config.to_dict()))  # tuples vs lists
+    assert {key: loaded[key] for key in recorded} == recorded
+    # fields added to the config after the checkpoint was written load with their defaults
+    defaults = {f.name: f.default for f in dataclasses.fields(model.config)}
+    assert {key: loaded[key] for key in set(loaded) - set(recorded)} == {
+        key: defaults[key] for key in set(loaded) - set(recorded)}
     stored, _ = load_checkpoint(path, dtype=None)
     floats = {v.dtype for v in stored.values() if v.is_floating_point()}
     assert floats == {torch.float16}, f"{name} ships {floats}"
