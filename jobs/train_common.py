@@ -747,7 +747,9 @@ def _storage(run_url: str, storage_options: Mapping[str, Any]) -> tuple[str, str
 
 def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
+        # A key the run did not record is a config field added since it started: not compared (the
+        # run had no such setting), or no run would resume across a version that adds a field.
+        for key in sorted(old):
             found = _first_difference(old.get(key), new.get(key), f"{path}.{key}")
             if found:
                 return found

@@ -206,6 +206,12 @@ def test_a_rerun_with_other_settings_is_refused_with_the_first_difference(tmp_pa
         check_job_settings(store, {**settings, "model": {"config": {"fsq": {"levels": (8, 5)}, "dim": 64}}})
     with pytest.raises(ValueError, match=r"train\.lr"):
         check_job_settings(store, {**settings, "train": {"lr": 2e-3}})
+    # a config field added since the run started (so not in its job.json) does not stop it resuming...
+    grown = {**settings, "model": {"config": {"fsq": {"levels": (8, 5)}, "dim": 32, "full_k_fraction": 0.0}}}
+    check_job_settings(store, grown)
+    # ...but a recorded field that is gone is still a difference
+    with pytest.raises(ValueError, match=r"model\.config\.dim=32, not None"):
+        check_job_settings(store, {**settings, "model": {"config": {"fsq": {"levels": (8, 5)}}}})
 
 
 def test_latest_model_file_prefers_the_export_then_the_newest_checkpoint(tmp_path):
