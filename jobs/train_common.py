@@ -824,7 +824,13 @@ def run_training(
     try:
         from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = False
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        # Ray 2.60 reads Parquet through its new DataSourceV2 by default, whose file listing
+        # (ray/data/_internal/dynamic_work_queue.py, _signal_completion) can race its own shutdown and
+        # print an InterruptedError traceback from a ListFiles worker thread at the end of a read. The
+        # V1 reader reads the same rows and honours the same seeded file shuffle (tests/jobs/test_data_order.py).
+        ctx.use_datasource_v2 = False
         cfg = resolve_resources(cfg)
         datasets = make_datasets(data_order_seed(cfg.seed, latest_checkpoint_step(store)))
         if not store.exists(JOB_FILE):
