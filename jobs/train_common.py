@@ -829,7 +829,8 @@ def run_training(
         # Ray 2.60 reads Parquet through its new DataSourceV2 by default, whose file listing
         # (ray/data/_internal/dynamic_work_queue.py, _signal_completion) can race its own shutdown and
         # print an InterruptedError traceback from a ListFiles worker thread at the end of a read. The
-        # V1 reader reads the same rows and honours the same seeded file shuffle (tests/jobs/test_data_order.py).
+        # V1 reader passed tests/jobs/test_data_order.py and test_train_generator.py when run with
+        # RAY_DATA_USE_DATASOURCE_V2=0 (those tests call the readers directly, so CI runs them on V2).
         ctx.use_datasource_v2 = False
         cfg = resolve_resources(cfg)
         datasets = make_datasets(data_order_seed(cfg.seed, latest_checkpoint_step(store)))
