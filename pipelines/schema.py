@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.storage import redact_text
+
 SCHEMA_VERSION = "1"
 METADATA_PREFIX = "flextok."
 STAGES = ("read", "decode", "encode")
@@ -89,7 +91,7 @@ PIECE_SCHEMA = pa.schema(
 # Error messages -----------------------------------------------------------------------------------
 def error_message(kind: str, detail: str = "") -> str:
     """One line, `"<kind>: <detail>"`; `kind` is what the summary groups errors by."""
-    detail = " ".join(str(detail).split())[:300]
+    detail = " ".join(redact_text(str(detail)).split())[:300]
     return f"{kind}: {detail}" if detail else kind
 
 

@@ -20,6 +20,7 @@ import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,6 +58,11 @@ class Shard:
     files: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
     labels: tuple[int | None, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """`url` as it may be recorded (rows, markers, manifest): credentials and signatures redacted."""
+        return redact_url(self.url)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -102,8 +108,13 @@ def expand_braces(pattern: str) -> list[str]:
     return [name for item in items for name in expand_braces(head + item + tail)]
 
 
+def _without_query(path: str) -> str:
+    """An HTTP(S) path is a whole URL: its query (often a signature) is not part of the file's name."""
+    return urlsplit(path).path if "://" in path else path
+
+
 def _ext(path: str) -> str:
-    name = posixpath.basename(path).lower()
+    name = posixpath.basename(_without_query(path)).lower()
     for ext in TAR_EXTS + PARQUET_EXTS + IMAGE_EXTS:
         if name.endswith(ext):
             return ext
@@ -139,7 +150,7 @@ def _fingerprint(*parts: object) -> str:
 
 def _file_shards(fs: Any, entries: list[tuple[str, int | None]], fmt: str) -> list[Shard]:
     """Tar or Parquet files -> shards with ids from their paths relative to the common folder."""
-    paths = [p for p, _ in entries]
+    paths = [_without_query(p) for p, _ in entries]
     root = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if len(paths) > 1 else (
         posixpath.dirname(paths[0])
     )
@@ -206,7 +217,7 @@ def resolve_inputs(
                 rel = posixpath.relpath(p, image_root)
                 if info.get("type", "file") == "file" and not _is_hidden(rel) and _format_of(p):
                     entries.append((p, info.get("size")))
-        elif any(ch in path for ch in "*?["):
+        elif any(ch in _without_query(path) for ch in "*?["):
             found = fs.glob(path, detail=True)
             for p, info in sorted(found.items()):
                 if info.get("type", "file") == "file" and _format_of(p):
@@ -289,7 +300,7 @@ def _parse_int(text: str | bytes) -> int:
 
 
 def _wds_sample(shard: Shard, key: str, members: dict[str, bytes]) -> dict[str, Any]:
-    row: dict[str, Any] = {"shard": shard.id, "key": f"{shard.id}/{key}", "source": shard.url, "total": -1}
+    row: dict[str, Any] = {"shard": shard.id, "key": f"{shard.id}/{key}", "source": shard.source, "total": -1}
     image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
     if image_ext is None:
         kinds = ", ".join(sorted(members)) or "nothing"
@@ -340,7 +351,7 @@ def _read_webdataset(shard: Shard, fs: Any, path: str) -> Iterator[dict[str, Any
 
 def _duplicate(shard: Shard, key: str) -> dict[str, Any]:
     return {
-        "shard": shard.id, "key": f"{shard.id}/{key}", "source": shard.url, "total": -1,
+        "shard": shard.id, "key": f"{shard.id}/{key}", "source": shard.source, "total": -1,
         "error": error_message("duplicate key", f"{key} appears again in the shard; first kept"),
         "stage": "read",
     }
@@ -380,7 +391,7 @@ def _read_parquet(shard: Shard, fs: Any, path: str, rows_per_batch: int) -> Iter
                     continue
                 seen.add(key)
                 row = {
-                    "shard": shard.id, "source": shard.url, "total": -1, "key": f"{shard.id}/{key}",
+                    "shard": shard.id, "source": shard.source, "total": -1, "key": f"{shard.id}/{key}",
                     "image": image, "caption": caption if isinstance(caption, str) else None,
                 }
                 try:
@@ -394,14 +405,14 @@ def _read_parquet(shard: Shard, fs: Any, path: str, rows_per_batch: int) -> Iter
 
 def _read_images(shard: Shard, fs: Any, skip: frozenset[int]) -> Iterator[dict[str, Any]]:
     for i, (url, key, label) in enumerate(zip(shard.files, shard.keys, shard.labels)):
-        row: dict[str, Any] = {"shard": shard.id, "key": key, "source": url, "total": -1, "label": label}
+        row: dict[str, Any] = {"shard": shard.id, "key": key, "source": redact_url(url), "total": -1, "label": label}
         if i in skip:
             yield row  # placeholder, dropped by the caller
             continue
         try:
             row["image"] = fs.cat_file(fs._strip_protocol(url))
         except FileNotFoundError:
-            row.update(label=None, error=error_message("missing file", url), stage="read")
+            row.update(label=None, error=error_message("missing file", redact_url(url)), stage="read")
         except Exception as e:  # any storage error stays with its file
             row.update(label=None, error=error_message("unreadable file", f"{type(e).__name__}: {e}"), stage="read")
         yield row
@@ -450,7 +461,7 @@ def read_shard(
             detail = f"{type(e).__name__}: {e} (after {index} samples)"
             tail.append(_shard_error(shard, index, "unreadable shard", detail))
         index += 1
-    tail.append({"shard": shard.id, "index": -1, "total": index, "key": "", "source": shard.url})
+    tail.append({"shard": shard.id, "index": -1, "total": index, "key": "", "source": shard.source})
     batcher.buf.extend(tail)
     out = batcher.flush()
     assert out is not None, "end marker missing"
@@ -459,7 +470,7 @@ def read_shard(
 
 def _shard_error(shard: Shard, index: int, kind: str, detail: str) -> dict[str, Any]:
     return {
-        "shard": shard.id, "index": index, "total": -1, "key": f"{shard.id}/*", "source": shard.url,
+        "shard": shard.id, "index": index, "total": -1, "key": f"{shard.id}/*", "source": shard.source,
         "error": error_message(kind, detail), "stage": "read",
     }
 

@@ -8,14 +8,18 @@ or stored, and resolving a URL to (filesystem, path). Does not own: what is read
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+# Query parameters that sign or authorise a URL (S3/GCS presigned URLs, Azure SAS, API tokens).
+_SIGNED_QUERY_WORDS = _SECRET_WORDS + ("sig", "signature", "auth", "policy", "pass")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,;:)\]]")
 
 
 # Storage options ----------------------------------------------------------------------------------
@@ -65,14 +69,29 @@ def redact_options(opts: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def redact_url(url: str) -> str:
-    """Drop any user:password@ part of a URL."""
+    """A URL safe to log or store: no user:password@ part, signing query parameters as '***'.
+
+    Every URL that becomes a record (token and error rows' `source`, done markers, the manifest,
+    error messages, log lines) goes through this or `redact_text`.
+    """
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        netloc = netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(any(w in k.lower() for w in _SIGNED_QUERY_WORDS) for k, _ in pairs):
+            query = urlencode([(k, "***" if any(w in k.lower() for w in _SIGNED_QUERY_WORDS) else v)
+                               for k, v in pairs], safe="*")
+    if netloc == parts.netloc and query == parts.query:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL in it redacted (exception messages quote the URLs they failed on)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:

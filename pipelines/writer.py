@@ -204,7 +204,7 @@ def finalize_shard(
     messages = errors.column("error").to_pylist()
     marker = {
         "shard": shard.id,
-        "source": shard.url,
+        "source": shard.source,
         "fingerprint": shard.fingerprint,
         "inputs": total,
         "rows": tokens.num_rows,

@@ -13,7 +13,6 @@ from pipelines.sources import (
     effective_storage_options,
     expand_braces,
     redact_options,
-    redact_url,
     resolve_inputs,
 )
 
@@ -159,12 +158,6 @@ def test_storage_options_from_aws_environment(monkeypatch):
     safe = redact_options(opts)
     assert "very-secret" not in repr(safe) and "AKIA123" not in repr(safe)
     assert safe["endpoint_url"] == "http://127.0.0.1:9"
-
-
-def test_redact_url_drops_credentials():
-    assert redact_url("s3://key:secret@bucket/path") == "s3://bucket/path"
-    assert redact_url("https://u:p@host:8080/x?y=1") == "https://host:8080/x?y=1"
-    assert redact_url("/plain/path") == "/plain/path"
 
 
 def test_unreadable_file_in_image_folder_is_one_error_row(tmp_path, real_images):
