@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from flextok.config import FlexTokConfig
-from flextok.layers import Block, layer_norm_fp32, patchify, sincos_2d
+from flextok.layers import Block, CausalLast, layer_norm_fp32, patchify, sincos_2d
 
 
 def causal_last_mask(num_patches: int, num_registers: int, device=None) -> torch.Tensor:
     """Boolean (T, T) mask, True = may attend. Patches see patches only; register i sees every patch
-    and registers 0..i. This mask is what orders the registers coarse to fine."""
+    and registers 0..i. This mask is what orders the registers coarse to fine. The encoder computes
+    the same pattern mask-free (`flextok.layers.CausalLast`); this form is the reference."""
     N, K = num_patches, num_registers
     mask = torch.zeros(N + K, N + K, dtype=torch.bool, device=device)
     mask[:, :N] = True
@@ -24,9 +25,13 @@ def causal_last_mask(num_patches: int, num_registers: int, device=None) -> torch
 
 
 class Encoder(nn.Module):
+    """Latents -> K register vectors. `use_split_attention` (default) runs the causal-last pattern as
+    two mask-free SDPA calls (flash-eligible on CUDA); False uses the boolean mask (the reference)."""
+
     def __init__(self, config: FlexTokConfig) -> None:
         super().__init__()
         self.config = config
+        self.use_split_attention = True
         D = config.encoder_dim
         self.patch_emb = nn.Linear(config.patch_dim, D)
         # Persistent, as in the official checkpoints, which store their own sin-cos table.
@@ -34,9 +39,6 @@ class Encoder(nn.Module):
         self.registers = nn.Parameter(torch.empty(config.num_registers, D))
         self.blocks = nn.ModuleList(Block(D, config.head_dim) for _ in range(config.encoder_depth))
         self.to_codes = nn.Linear(D, config.fsq.num_dims)
-        self.register_buffer(
-            "attn_mask", causal_last_mask(config.num_patches, config.num_registers), persistent=False
-        )
 
     def init_weights(self) -> None:
         """Linear layers xavier-uniform with zero bias; registers and the head to FSQ dims truncated
@@ -60,6 +62,10 @@ class Encoder(nn.Module):
         x = self.patch_emb(patchify(latents, self.config.patch_size)) + pos  # (B, N, D)
         regs = self.registers.to(x.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, K, D)
         h = torch.cat([x, regs], dim=1)  # (B, N + K, D)
+        if self.use_split_attention:
+            pattern: torch.Tensor | CausalLast = CausalLast(N)
+        else:
+            pattern = causal_last_mask(N, self.config.num_registers, device=h.device)
         for block in self.blocks:
-            h = block(h, self.attn_mask)
+            h = block(h, pattern)
         return self.to_codes(layer_norm_fp32(h[:, N:]))  # (B, K, d)

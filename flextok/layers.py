@@ -9,10 +9,12 @@ Does not own: masks (built by the networks that use them) or any training proces
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from flextok.config import mlp_hidden_dim
 
@@ -22,8 +24,25 @@ def layer_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class CausalLast:
+    """The encoder's attention pattern without a boolean mask: the first `num_first` positions
+    (patches) attend to each other only; every later position i (a register) attends to all patches
+    and to the registers up to itself.
+
+    `Attention` computes it as two mask-free SDPA calls: patches over patches, and registers over the
+    whole sequence with a lower-right-aligned causal bias. Both are eligible for the flash and
+    memory-efficient kernels on CUDA (a boolean mask is not), and together they score N^2 + K(N + K)
+    entries instead of (N + K)^2. The result equals the masked call (`causal_last_mask`) up to float
+    summation order.
+    """
+
+    num_first: int
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention: bias-free projections, QK-norm, SDPA with an explicit mask."""
+    """Multi-head self-attention: bias-free projections, QK-norm, SDPA with a boolean mask, none, or
+    the split causal-last pattern (`CausalLast`)."""
 
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
@@ -36,13 +55,25 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | CausalLast | None = None) -> torch.Tensor:
         B, T, D = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = layer_norm_fp32(self.wq(x).view(shape)).transpose(1, 2)  # (B, H, T, hd)
         k = layer_norm_fp32(self.wk(x).view(shape)).transpose(1, 2)  # (B, H, T, hd)
         v = self.wv(x).view(shape).transpose(1, 2)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, hd)
+        if isinstance(attn_mask, CausalLast):
+            N = attn_mask.num_first
+            y = torch.cat(
+                [
+                    F.scaled_dot_product_attention(q[:, :, :N], k[:, :, :N], v[:, :, :N]),  # (B, H, N, hd)
+                    F.scaled_dot_product_attention(
+                        q[:, :, N:], k, v, attn_mask=causal_lower_right(T - N, T)
+                    ),  # (B, H, K, hd)
+                ],
+                dim=2,
+            )
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -68,7 +99,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, head_dim)
         self.mlp = SwiGLU(dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | CausalLast | None = None) -> torch.Tensor:
         x = x + self.attn(layer_norm_fp32(x), attn_mask)
         return x + self.mlp(layer_norm_fp32(x))
 

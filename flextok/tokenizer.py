@@ -28,7 +28,7 @@ from flextok.checkpoint import (
 )
 from flextok.config import FlexTokConfig, get_preset
 from flextok.decoder import Decoder
-from flextok.encoder import Encoder, causal_last_mask
+from flextok.encoder import Encoder
 from flextok.fsq import FSQ
 from flextok.nested_dropout import sample_keep_k
 
@@ -124,13 +124,10 @@ class FlexTok(nn.Module):
                 f"{unexpected[:8]}, wrong shape {wrong[:8]} ({len(missing)}/{len(unexpected)}/{len(wrong)})"
             )
         self.load_state_dict(state, strict=not fresh, assign=True)
-        # Non-persistent buffers (FSQ tables, the encoder mask) are derived from the config; a model
-        # built on `meta` gets them rebuilt on the device the loaded weights live on.
+        # Non-persistent buffers (the FSQ tables) are derived from the config; a model built on
+        # `meta` gets them rebuilt on the device the loaded weights live on.
         device = next(self.parameters()).device
         self.fsq = FSQ(self.config.fsq).to(device)
-        self.encoder.attn_mask = causal_last_mask(
-            self.config.num_patches, self.config.num_registers, device=device
-        )
 
     def load_with_fewer_decoder_blocks(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Load a checkpoint of this architecture but with fewer decoder blocks (growing the decoder):

@@ -122,3 +122,55 @@ def test_a_full_fraction_of_samples_keeps_every_register(full, mode, K):
 def test_patchify_round_trip(p, c, g):
     x = torch.randn(2, c, g * p, g * p)
     assert torch.equal(unpatchify(patchify(x, p), p, c), x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_patches=st.integers(1, 24),
+    num_registers=st.integers(1, 12),
+    heads=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_split_causal_last_attention_equals_the_boolean_mask(num_patches, num_registers, heads, batch, seed):
+    """Two mask-free SDPA calls (patches over patches; registers over all with a lower-right causal
+    bias) compute exactly what the boolean causal-last mask computes."""
+    from flextok.layers import Attention, CausalLast
+
+    torch.manual_seed(seed)
+    attn = Attention(16 * heads, 16)
+    x = torch.randn(batch, num_patches + num_registers, 16 * heads)
+    masked = attn(x, causal_last_mask(num_patches, num_registers))
+    split = attn(x, CausalLast(num_patches))
+    torch.testing.assert_close(split, masked, atol=2e-6, rtol=1e-5)
+
+
+def test_split_attention_is_not_plain_causal_or_full():
+    """The comparison above can fail: the split differs from an unmasked call and from the registers'
+    call with an upper-left causal alignment (`is_causal=True`: register i would see keys 0..i only)."""
+    from flextok.layers import Attention, CausalLast
+
+    torch.manual_seed(0)
+    attn = Attention(32, 16)
+    N, K = 6, 4
+    x = torch.randn(2, N + K, 32)
+    split = attn(x, CausalLast(N))
+    upper_left = causal_last_mask(N, K)
+    upper_left[N:] = torch.ones(K, N + K, dtype=torch.bool).tril()  # register i sees keys 0..i
+    assert not torch.allclose(split, attn(x, None), atol=1e-4)
+    assert not torch.allclose(split[:, N:], attn(x, upper_left)[:, N:], atol=1e-4)
+
+
+def test_encoder_split_attention_gives_the_masked_encoders_tokens(model):
+    latents = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    enc = model.encoder
+    assert enc.use_split_attention  # the default path
+    with torch.no_grad():
+        split = enc(latents)
+        enc.use_split_attention = False
+        try:
+            masked = enc(latents)
+        finally:
+            enc.use_split_attention = True
+    torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.fsq(split)[1], model.fsq(masked)[1])
