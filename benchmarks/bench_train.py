@@ -1,7 +1,7 @@
 """Training throughput: Ray Train steps fed by Ray Data vs a bare loop over the same tensors in memory.
 
 One Ray Train worker (a `TorchTrainer` with the train-tokenizer job's dataset) trains the tokenizer
-with `jobs.train_common.Trainer` (AdamW, EMA, clipping) and alternates blocks of steps between two
+with `training.trainer.Trainer` (AdamW, EMA, clipping) and alternates blocks of steps between two
 sources of the same real images:
   - ray:    the worker's Ray Data shard exactly as `flextok train-tokenizer` reads it (WebDataset
             shards through the pipeline's read and decode stages, a local shuffle buffer, the Arrow
@@ -72,7 +72,8 @@ def interleaved_loop(config: dict[str, Any]) -> dict[str, float]:
     """Ray Train worker: alternate timed blocks of steps fed by Ray Data and by memory."""
     import ray.train
 
-    from jobs.train_common import Trainer, batch_stream
+    from training.data import batch_stream
+    from training.trainer import Trainer
 
     task, cfg = config["task"], config["cfg"]
     torch.set_num_threads(config["threads"])
@@ -105,10 +106,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
     from ray.train.torch import TorchTrainer
 
     from flextok.config import get_preset
-    from jobs.train_common import TrainConfig, ensure_ray
-    from jobs.train_tokenizer import TokenizerTask, image_dataset
+    from pipelines.cluster import ensure_ray
     from pipelines.corpus import build_corpus
     from pipelines.sources import resolve_inputs
+    from training.data import image_dataset
+    from training.settings import TrainConfig
+    from training.tasks import TokenizerTask
 
     if __name__ != "__main__":  # imported: let workers unpickle the loop without importing benchmarks/
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

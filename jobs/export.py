@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from flextok.checkpoint import export_checkpoint, file_sha256, read_metadata
-    from jobs.train_common import latest_model_file
+    from training.runs import latest_model_file
 
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out {args.out} must be a .safetensors file")

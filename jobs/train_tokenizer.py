@@ -3,7 +3,7 @@
 Images come through Ray Data with the pipeline's own readers and decoding (`pipelines.sources`,
 `pipelines.decode`: WebDataset shards, image folders or Parquet image bytes from any fsspec URL),
 so training sees exactly what `flextok tokenize` sees. The loop, checkpoints, resume and metrics are
-`jobs.train_common`'s. Every `--grid-every` steps and at the end, RUN/grids/step_<n>.png shows a
+`training`'s. Every `--grid-every` steps and at the end, RUN/grids/step_<n>.png shows a
 few training images reconstructed from their first k = 1, 2, 4, ..., K tokens.
 
     flextok corpus fashion-mnist --out data/fm
@@ -18,8 +18,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from jobs.cli_util import positive_int, run_cli
 
@@ -51,7 +49,8 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.train_common import TrainConfig, add_init_arg, add_train_args, add_val_args
+    from jobs.train_flags import add_init_arg, add_train_args, add_val_args
+    from training.settings import TrainConfig
 
     p = argparse.ArgumentParser(
         prog="flextok train-tokenizer",
@@ -100,117 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass(frozen=True)
-class TokenizerTask:
-    """The tokenizer's hooks for `jobs.train_common` (shipped to every worker)."""
-
-    config: Any  # FlexTokConfig
-    preset: str | None
-    grid_images: int = 8
-    grid_steps: int = 25
-    name: str = "tokenizer"
-    item_name: str = "images"
-    find_unused_parameters: bool = False  # mask and null tokens enter the graph through torch.where
-    init_path: str | None = None  # fine-tuning: the weights to start from
-    init_sha256: str | None = None
-    same_tokens_as: tuple[str, ...] = ()  # --freeze-encoder: the checkpoints whose tokens this run keeps
-
-    def build_model(self, device):
-        from flextok import FlexTok
-
-        model = FlexTok.from_config(self.config, device)
-        if self.init_path is not None:
-            init = FlexTok.from_pretrained(self.init_path, device=device)
-            if init.config.decoder_depth < self.config.decoder_depth:  # --decoder-depth grows the decoder
-                model.load_with_fewer_decoder_blocks(init.state_dict())
-            else:
-                model.load_state_dict_strict(init.state_dict())
-            model.checkpoint_id = f"init:{self.init_path}"
-        else:
-            model.checkpoint_id = f"preset:{self.preset}"
-        return model.freeze_tokens() if self.same_tokens_as else model
-
-    def collate_fn(self):
-        from jobs.train_common import PixelCollate
-
-        return PixelCollate(self.config.image_size)
-
-    def prepare_batch(self, batch, device):
-        """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], converted on the device."""
-        pixels = batch["pixels"].to(device, non_blocking=True)
-        return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W)
-
-    def loss(self, model, images, generator):
-        return model(images, generator=generator)["loss"]
-
-    def num_items(self, images) -> int:
-        return int(images.shape[0])
-
-    def save_pretrained(self, model, path, *, step: int) -> None:
-        from flextok.checkpoint import SAME_TOKENS_KEY
-
-        extra: dict[str, Any] = {"step": step}
-        if self.same_tokens_as:
-            extra[SAME_TOKENS_KEY] = list(self.same_tokens_as)
-        model.save_pretrained(path, extra=extra)
-
-    def grid(self, model, images):
-        """Rows: training images; columns: the input, then reconstructions from k = 1, 2, 4, .., K tokens."""
-        import torch
-
-        K = self.config.num_registers
-        ks = sorted({2**i for i in range(K.bit_length()) if 2**i <= K} | {K})
-        x = images[: self.grid_images]
-        R = x.shape[0]
-        ids = model.tokenize(x)  # (R, K)
-        prefixes = [ids[r, :k] for k in ks for r in range(R)]  # one batched decode for every (k, image)
-        g = torch.Generator(device=x.device).manual_seed(0)
-        recs = model.detokenize(prefixes, steps=self.grid_steps, generator=g)  # (len(ks) * R, 3, H, W)
-        recs = recs.view(len(ks), R, *recs.shape[1:]).transpose(0, 1)  # (R, len(ks), 3, H, W)
-        return torch.cat([x[:, None], recs], dim=1), None, ["input"] + [f"k={k}" for k in ks]
-
-    def describe(self) -> dict[str, Any]:
-        described = {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict()}
-        if self.init_path is not None:
-            described.update(init=self.init_path, init_sha256=self.init_sha256)
-        if self.same_tokens_as:
-            described.update(frozen="encoder (tokens kept)", same_tokens_as_sha256=list(self.same_tokens_as))
-        return described
-
-
-def training_rows(batch):
-    """Decoded rows -> the pixels of the good ones (errors and shard end markers dropped)."""
-    import pyarrow.compute as pc
-
-    ok = batch.filter(pc.and_(pc.is_null(batch["error"]), pc.greater_equal(batch["index"], 0)))
-    dropped = batch.num_rows - ok.num_rows - pc.sum(pc.less(batch["index"], 0)).as_py()
-    if dropped:
-        log.warning("skipping %d undecodable samples, e.g. %s", dropped,
-                    batch.filter(pc.is_valid(batch["error"]))["error"][0].as_py())
-    return ok.select(["pixels"])
-
-
-def image_dataset(plan, storage_options: dict, image_size: int, order_seed: int | None = None):
-    """Ray Dataset of decoded training images: the pipeline's read and decode stages, reused.
-
-    With `order_seed` the shards are read in a seeded order that changes at every epoch (execution);
-    without it, in the plan's order (held-out data).
-    """
-    import ray.data
-
-    from pipelines.decode import decode_batch
-    from pipelines.sources import read_shard_batch
-
-    items = [{"shard": shard.to_json(), "skip": None} for shard in plan.shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard
-    if order_seed is not None:  # shuffles the tiny shard descriptors only, before anything is read
-        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=order_seed, reseed_after_execution=True))
-    ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"storage_options": storage_options})
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"image_size": image_size})
-    return ds.map_batches(training_rows, batch_format="pyarrow")
-
-
 def model_config(args: argparse.Namespace, init_path: str | None = None):
     """The preset with the architecture flags applied, or with --init the checkpoint's own config
     (only the training-behaviour flags may change it then)."""
@@ -247,11 +135,15 @@ def _check_output(data: str, output: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jobs import train_common as tc
+    from jobs.train_flags import train_config_from_args
     from pipelines.sources import effective_storage_options, resolve_inputs
+    from training.data import VAL, image_dataset
+    from training.driver import run_training, summary_line
+    from training.runs import resolve_init
+    from training.tasks import TokenizerTask
 
-    cfg = tc.train_config_from_args(args)
-    init_path, init_sha256 = tc.resolve_init(args.init)
+    cfg = train_config_from_args(args)
+    init_path, init_sha256 = resolve_init(args.init)
     config = model_config(args, init_path)
     same_tokens: tuple[str, ...] = ()
     if args.freeze_encoder:
@@ -272,19 +164,19 @@ def _run(args: argparse.Namespace) -> int:
     def preflight() -> None:
         plans["train"] = resolve_inputs(args.data, data_options)  # one clear error for missing data
         if args.val_data:
-            plans[tc.VAL] = resolve_inputs(args.val_data, val_options)
+            plans[VAL] = resolve_inputs(args.val_data, val_options)
 
     def datasets(order_seed: int) -> dict:
         plan = plans["train"]
         log.info("data: %s, %d %s shard(s)", args.data, len(plan.shards), plan.format)
         out = {"train": image_dataset(plan, data_options, config.image_size, order_seed)}
         if args.val_data:
-            out[tc.VAL] = image_dataset(plans[tc.VAL], val_options, config.image_size).limit(args.val_items).materialize()
+            out[VAL] = image_dataset(plans[VAL], val_options, config.image_size).limit(args.val_items).materialize()
         return out
 
-    summary = tc.run_training(task, datasets, cfg, run_url=args.output, storage_options=args.storage_options,
+    summary = run_training(task, datasets, cfg, run_url=args.output, storage_options=args.storage_options,
                               job="train-tokenizer", quiet=args.quiet, preflight=preflight)
-    print(tc.summary_line("train-tokenizer", summary))
+    print(summary_line("train-tokenizer", summary))
     return 0
 
 

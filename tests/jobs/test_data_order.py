@@ -9,13 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from jobs.train_common import data_order_seed, latest_checkpoint_step
-from jobs.train_generator import inspect_tokens, token_dataset
-from jobs.train_tokenizer import image_dataset
 from pipelines.corpus import build_corpus
 from pipelines.schema import TOKEN_SCHEMA, file_metadata
 from pipelines.sources import resolve_inputs
 from pipelines.writer import OutputStore
+from training.data import data_order_seed, image_dataset, inspect_tokens, token_dataset
+from training.runs import latest_checkpoint_step
 
 NUM_FILES = 6
 ROWS_PER_FILE = 4

@@ -13,26 +13,14 @@ from hypothesis import strategies as st
 
 from flextok.checkpoint import read_metadata
 from flextok.config import get_preset
-from jobs.train_common import (
-    EMA,
-    IGNORE_INDEX,
-    MODEL_FILE,
-    STATE_FILE,
-    PixelCollate,
-    TokenCollate,
-    TrainConfig,
-    Trainer,
-    build_optimizer,
-    check_job_settings,
-    latest_model_file,
-    load_optimizer_tensors,
-    lr_at,
-    optimizer_tensors,
-    pad_token_lists,
-    summary_line,
-)
-from jobs.train_tokenizer import TokenizerTask
 from pipelines.writer import OutputStore
+from training.data import IGNORE_INDEX, PixelCollate, TokenCollate, pad_token_lists
+from training.driver import summary_line
+from training.optim import EMA, build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
+from training.runs import MODEL_FILE, STATE_FILE, check_job_settings, latest_model_file
+from training.settings import TrainConfig
+from training.tasks import TokenizerTask
+from training.trainer import Trainer
 
 TINY = get_preset("tiny").replace(encoder_dim=32, decoder_dim=32, encoder_depth=1, decoder_depth=1, head_dim=16)
 

@@ -15,21 +15,17 @@ import torch
 from flextok import FlexTok
 from flextok.checkpoint import file_sha256, read_metadata
 from flextok.generator import Generator
-from jobs.train_common import TokenCollate, TrainConfig, Trainer
-from jobs.train_generator import (
-    GeneratorTask,
-    build_parser,
-    generator_config,
-    init_config,
-    inspect_tokens,
-    main,
-    resolve_grid_tokenizer,
-)
+from jobs.train_generator import build_parser, generator_config, init_config, main
 from pipelines.corpus import FASHION_MNIST_CLASSES, build_corpus
 from pipelines.decode import decode_batch
 from pipelines.schema import TOKEN_SCHEMA, file_metadata
 from pipelines.sources import read_shard, resolve_inputs
 from pipelines.writer import OutputStore
+from training.data import TokenCollate, inspect_tokens
+from training.runs import resolve_grid_tokenizer
+from training.settings import TrainConfig
+from training.tasks import GeneratorTask
+from training.trainer import Trainer
 
 SMALL = ["--depth", "1", "--dim", "64", "--num-heads", "2"]
 FAST = ["--threads", "1", "--warmup-steps", "1", "--log-every", "1", "--grid-conditions", "2",

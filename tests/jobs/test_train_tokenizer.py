@@ -12,11 +12,15 @@ import torch
 
 from flextok import FlexTok
 from flextok.checkpoint import SAME_TOKENS_KEY, file_sha256, read_metadata, same_tokens_shas
-from jobs.train_common import CRASH_MARKER_ENV, CRASH_STEP_ENV, PixelCollate, TrainConfig, Trainer
-from jobs.train_tokenizer import TokenizerTask, build_parser, main, model_config
+from jobs.train_tokenizer import build_parser, main, model_config
 from pipelines.corpus import build_corpus
 from pipelines.decode import decode_batch
 from pipelines.sources import read_shard, resolve_inputs
+from training.data import PixelCollate
+from training.loop import CRASH_MARKER_ENV, CRASH_STEP_ENV
+from training.settings import TrainConfig
+from training.tasks import TokenizerTask
+from training.trainer import Trainer
 
 # Small enough for 2 shared cores: 1+1 layers of width 32.
 ARCH = ["--encoder-dim", "32", "--decoder-dim", "32", "--encoder-depth", "1", "--decoder-depth", "1", "--head-dim", "16"]

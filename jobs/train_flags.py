@@ -1,0 +1,72 @@
+"""The command-line flags both training jobs share, and `TrainConfig` from them (`training.settings`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.cli_util import json_arg, positive_int
+from training.settings import TrainConfig
+
+
+def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The flags both training jobs share; defaults from `defaults`."""
+    d = defaults
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="optimizer steps in all (default %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="global batch size, split evenly over the workers (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW (default %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="cosine decay ends at lr * this (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps, at most half of --max-steps (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay on matrices, not on biases/norms (default %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global grad norm, 0 = off (default %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA of the weights (default %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of init, noise and shuffling (default %(default)s)")
+    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
+                   help="rows in each worker's local shuffle buffer, 0 = no shuffle (default %(default)s)")
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
+                   help="steps between checkpoints, also written at the end (default %(default)s)")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints,
+                   help="newest checkpoints kept in RUN (default %(default)s)")
+    g.add_argument("--log-every", type=positive_int, default=d.log_every, help="steps between progress lines (default %(default)s)")
+    g.add_argument("--grid-every", type=int, default=d.grid_every,
+                   help="steps between image grids under RUN/grids, 0 = only at the end (default %(default)s)")
+    g.add_argument("--max-failures", type=int, default=d.max_failures,
+                   help="worker failures to recover from (from the last checkpoint) before giving up (default %(default)s)")
+    g.add_argument("--storage-options", type=json_arg, default=None,
+                   help="fsspec options (JSON) for s3:// data and RUN; AWS_* variables are used otherwise")
+    g.add_argument("--quiet", action="store_true", help="log warnings only")
+    g = p.add_argument_group("resources")
+    g.add_argument("--workers", type=positive_int, default=d.num_workers, help="Ray Train workers, DDP (default %(default)s)")
+    g.add_argument("--gpus", action="store_true", help="one GPU per worker (nccl, bf16 autocast); default CPU (gloo, fp32)")
+    g.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs reserved per worker (default: 1, less when the cluster must keep a CPU for data)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per worker (default: the node's CPUs shared by the workers)")
+
+
+def add_val_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    p.add_argument(flag, default=None, metavar="SRC",
+                   help=f"held-out {what}: the EMA model's loss on them (fixed noise) is logged at every checkpoint")
+    p.add_argument("--val-items", type=positive_int, default=512,
+                   help="held-out rows used for the validation loss (default %(default)s)")
+
+
+def add_init_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help=f"fine-tune: start from this {what} checkpoint (a file every worker can read: local or a "
+                   "shared filesystem); its config is the architecture, so architecture flags are refused")
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every, grid_every=args.grid_every, seed=args.seed, num_workers=args.workers,
+        use_gpu=args.gpus, cpus_per_worker=args.cpus_per_worker, threads=args.threads,
+        max_failures=args.max_failures, shuffle_buffer=args.shuffle_buffer,
+    )

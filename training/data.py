@@ -1,0 +1,229 @@
+"""Training data: the Ray Datasets a task reads, Arrow-level collates and the per-worker batch stream.
+
+Owns what a batch is (the collates, on Ray Data's prefetch threads), how rows are ordered (seeded
+per-epoch shard shuffles, a local shuffle buffer) and the datasets of both tasks: decoded images
+read by the pipeline's own stages, and token rows read from `flextok tokenize`'s Parquet. Batching
+lives here and only here. Does not own models or losses (`training.tasks`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from training.settings import TrainConfig
+
+log = logging.getLogger("training.data")
+
+VAL = "val"  # the held-out dataset's name: given whole to the main worker, never split or shuffled
+IGNORE_INDEX = -100  # padding of token batches; the generator's loss ignores it
+
+
+# Collates (Arrow batches -> tensors, on Ray Data's prefetch threads) ------------------------------
+def pad_token_lists(column: pa.Array | pa.ChunkedArray, pad_value: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged `list<uint16>` column -> (tokens (B, T) int64 padded with `pad_value`, lengths (B,)).
+
+    Vectorised on the Arrow buffers (no per-row Python): T is the longest row; a null row is empty.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise TypeError(f"tokens must be an Arrow list column, got {column.type}")
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+    width = int(lengths.max()) if len(lengths) else 0
+    tokens = np.full((len(lengths), width), pad_value, dtype=np.int64)
+    keep = np.arange(width)[None, :] < lengths[:, None]  # (B, T), True on real tokens, row-major order
+    # flatten() honours the slice offset and skips null rows: exactly the real tokens, row by row.
+    tokens[keep] = column.flatten().to_numpy(zero_copy_only=False)
+    return tokens, lengths
+
+
+class TokenCollate(ArrowBatchCollateFn):
+    """Token rows -> {"tokens": (B, T) int64 padded with -100, "lengths", "label"?} (+ "caption" list)."""
+
+    def __init__(self, *, labels: bool = False, captions: bool = False) -> None:
+        self.labels, self.captions = labels, captions
+
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        tokens, lengths = pad_token_lists(batch.column("tokens"))
+        out: dict[str, Any] = {"tokens": torch.from_numpy(tokens), "lengths": torch.from_numpy(lengths)}
+        if self.labels:
+            out["label"] = torch.from_numpy(batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
+        if self.captions:
+            out["caption"] = batch.column("caption").to_pylist()
+        return out
+
+
+class PixelCollate(ArrowBatchCollateFn):
+    """Decoded rows (`pixels`: H*W*3 RGB bytes) -> {"pixels": (B, H, W, 3) uint8}."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        from pipelines.encode import pixels_to_array
+
+        pixels = pixels_to_array(batch.column("pixels"), self.image_size)  # (B, H, W, 3), read-only view
+        return {"pixels": torch.from_numpy(np.array(pixels))}
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# The stream of batches -------------------------------------------------------------------------
+def batch_stream(shard, task: Any, cfg: TrainConfig, seed: int, use_gpu: bool) -> Iterator[Any]:
+    """The worker's shard as an endless stream of full batches, epoch after epoch (reshuffled)."""
+    epoch = 0
+    buffer = max(cfg.shuffle_buffer, cfg.worker_batch_size) if cfg.shuffle_buffer else None
+    while True:
+        count = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.worker_batch_size, collate_fn=task.collate_fn(), drop_last=True,
+            local_shuffle_buffer_size=buffer, local_shuffle_seed=(seed + epoch) if buffer else None,
+            prefetch_batches=2, pin_memory=use_gpu,
+        ):
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError(
+                f"the training data has fewer than {cfg.worker_batch_size} usable rows per worker; "
+                "lower --batch-size or add data"
+            )
+        epoch += 1
+
+
+def data_order_seed(seed: int, resume_step: int) -> int:
+    """The seed of the training stream's shard order: from --seed, and from the step a resumed run starts at.
+
+    Each job shuffles its shards (files) with it through Ray Data's seeded, re-seeded-every-execution
+    shuffles, so every epoch reads the shards in a new order (a sorted corpus is not read sorted) and
+    the same command reads the same orders. A resumed run does not know where in its epoch it stopped
+    (the data position is not in the checkpoint); seeding by its step at least starts it on an order
+    of its own rather than replaying the first run's first epoch from the top.
+    """
+    return (seed * 1_000_003 + resume_step) % 2**31
+
+
+# Token rows (`flextok tokenize` output) ----------------------------------------------------------
+@dataclass(frozen=True)
+class TokenData:
+    """What the driver learns about DST from the Parquet footers alone."""
+
+    paths: list[str]
+    num_rows: int
+    metadata: dict[str, Any]
+    max_label: int | None
+    has_captions: bool
+
+
+def inspect_tokens(store) -> TokenData:
+    """List DST's part files and read their footers: schema metadata, row counts, label statistics."""
+    import pyarrow.parquet as pq
+
+    from pipelines.schema import read_file_metadata
+
+    names = [n for n in store.listdir("") if n.startswith("part-") and n.endswith(".parquet")]
+    if not names:
+        raise FileNotFoundError(f"no token files (part-*.parquet) in {store.url}; run `flextok tokenize` first")
+    metadata: dict[str, Any] | None = None
+    num_rows, max_label, has_captions = 0, None, False
+    for name in names:
+        with store.fs.open(store.path(name), "rb") as f:
+            pf = pq.ParquetFile(f)
+            md = read_file_metadata(pf.schema_arrow)
+            names_in_file = pf.schema_arrow.names
+            if "tokens" not in names_in_file:
+                raise ValueError(f"{name} has no `tokens` column; not a flextok token file")
+            if metadata is None:
+                metadata = md
+            for key in ("checkpoint_sha256", "checkpoint_id", "codebook_size", "max_tokens"):
+                if md.get(key) != metadata.get(key):
+                    raise ValueError(f"{name} was tokenized with {key}={md.get(key)!r}, other files with "
+                                     f"{metadata.get(key)!r}; one token dataset must come from one tokenizer")
+            num_rows += pf.metadata.num_rows
+            if "label" in names_in_file:
+                max_label = _max_label(pf, names_in_file.index("label"), max_label)
+            has_captions = has_captions or "caption" in names_in_file
+    assert metadata is not None, "no files"
+    for key in ("codebook_size", "max_tokens"):
+        if key not in metadata:
+            raise ValueError(f"{store.url} carries no flextok metadata ({key}); tokens must come from `flextok tokenize`")
+    return TokenData([store.path(n) for n in names], num_rows, metadata, max_label, has_captions)
+
+
+def _max_label(pf, column: int, current: int | None) -> int | None:
+    """Largest label from the row-group statistics (the column itself when they are missing)."""
+    for i in range(pf.metadata.num_row_groups):
+        stats = pf.metadata.row_group(i).column(column).statistics
+        if stats is not None and stats.has_min_max:
+            value = int(stats.max)
+        elif stats is not None and stats.null_count == pf.metadata.row_group(i).num_rows:
+            continue
+        else:
+            value = pc.max(pf.read_row_group(i, columns=["label"])["label"]).as_py()
+            if value is None:
+                continue
+        current = value if current is None else max(current, value)
+    return current
+
+
+def conditioned_rows(batch, *, column: str):
+    """Token rows that carry their condition (a label or a caption); the others are dropped."""
+    return batch.filter(pc.is_valid(batch[column]))
+
+
+def token_dataset(store, data: TokenData, cond: str, order_seed: int | None = None):
+    """Ray Dataset of (tokens, label | caption) rows read straight from DST's Parquet files.
+
+    With `order_seed` the files are read in a seeded order that changes at every epoch (execution);
+    without it, in listing order (held-out data).
+    """
+    import pyarrow.fs
+    import ray.data
+
+    column = "label" if cond == "class" else "caption"
+    filesystem = None if store.is_local else pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
+    shuffle = None if order_seed is None else ray.data.FileShuffleConfig(seed=order_seed, reseed_after_execution=True)
+    ds = ray.data.read_parquet(data.paths, filesystem=filesystem, shuffle=shuffle).select_columns(["tokens", column])
+    return ds.map_batches(conditioned_rows, batch_format="pyarrow", fn_kwargs={"column": column})
+
+
+# Images (the pipeline's read and decode stages) ------------------------------------------------
+def training_rows(batch):
+    """Decoded rows -> the pixels of the good ones (errors and shard end markers dropped)."""
+    ok = batch.filter(pc.and_(pc.is_null(batch["error"]), pc.greater_equal(batch["index"], 0)))
+    dropped = batch.num_rows - ok.num_rows - pc.sum(pc.less(batch["index"], 0)).as_py()
+    if dropped:
+        log.warning("skipping %d undecodable samples, e.g. %s", dropped,
+                    batch.filter(pc.is_valid(batch["error"]))["error"][0].as_py())
+    return ok.select(["pixels"])
+
+
+def image_dataset(plan, storage_options: dict, image_size: int, order_seed: int | None = None):
+    """Ray Dataset of decoded training images: the pipeline's read and decode stages, reused.
+
+    With `order_seed` the shards are read in a seeded order that changes at every epoch (execution);
+    without it, in the plan's order (held-out data).
+    """
+    import ray.data
+
+    from pipelines.decode import decode_batch
+    from pipelines.sources import read_shard_batch
+
+    items = [{"shard": shard.to_json(), "skip": None} for shard in plan.shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard
+    if order_seed is not None:  # shuffles the tiny shard descriptors only, before anything is read
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=order_seed, reseed_after_execution=True))
+    ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"storage_options": storage_options})
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"image_size": image_size})
+    return ds.map_batches(training_rows, batch_format="pyarrow")

@@ -1,0 +1,269 @@
+"""The Ray Train worker loop: resume, train to `max_steps`, checkpoint, validate, log, draw grids.
+
+Runs inside every Ray Train worker (DDP over gloo on CPU, nccl on GPU). Rank 0 holds the EMA, writes
+checkpoints through `ray.train.report`, TensorBoard events, progress lines and grids. Does not own
+what a run folder looks like (`training.runs`) or how the run is launched (`training.driver`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.data import VAL, batch_stream
+from training.runs import TB_DIR, checkpoint_dir_name, grid_name, open_run
+from training.settings import TrainConfig
+from training.trainer import Trainer, _autocast
+
+log = logging.getLogger("training")
+
+# Test-only fault injection: rank 0 dies (os._exit) once at this step; the marker file makes it once.
+CRASH_STEP_ENV = "FLEXTOK_TEST_CRASH_AT_STEP"
+CRASH_MARKER_ENV = "FLEXTOK_TEST_CRASH_MARKER"
+
+
+def grid_png(images: torch.Tensor, row_labels: list[str] | None, col_labels: list[str] | None) -> bytes:
+    """(R, C, 3, H, W) in [-1, 1] -> PNG bytes of a labelled grid (`flextok.viz`)."""
+    from flextok.viz import image_grid
+
+    buf = io.BytesIO()
+    image_grid(images, row_labels=row_labels, col_labels=col_labels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything a worker needs, shipped once in `train_loop_config`."""
+
+    task: Any
+    train: TrainConfig
+    run_url: str
+    storage_options: dict[str, Any]
+    threads: int | None = None
+    quiet: bool = False
+    crash_at_step: int | None = None  # test-only fault injection (CRASH_STEP_ENV)
+    crash_marker: str | None = None
+    has_val: bool = False  # a "val" dataset: its loss is logged at every checkpoint
+
+
+def _worker_logging(quiet: bool) -> None:
+    logger = logging.getLogger("training")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+class _Monitor:
+    """Rank 0's metrics: TensorBoard events under RUN (staged locally for remote RUNs), progress lines."""
+
+    def __init__(self, spec: LoopSpec, trainer: Trainer) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.spec, self.trainer = spec, trainer
+        self.store = open_run(spec.run_url, spec.storage_options)
+        if self.store.is_local:
+            self.log_dir, self.staged = self.store.path(TB_DIR), False
+        else:
+            self.log_dir, self.staged = tempfile.mkdtemp(prefix="flextok-tb-"), True
+        self.writer = SummaryWriter(self.log_dir)
+        self.start_window()
+
+    def start_window(self) -> None:
+        """Throughput windows start when data flows (not while the Ray Dataset starts up)."""
+        self.window_start, self.window_step = time.perf_counter(), self.trainer.step
+
+    def log(self, loss: float, grad_norm: float, lr: float, items: int) -> None:
+        """One progress line and its TensorBoard scalars; `items` counts all workers since the last log."""
+        t = self.trainer
+        now = time.perf_counter()
+        rate = items / max(now - self.window_start, 1e-9)
+        steps_per_s = (t.step - self.window_step) / max(now - self.window_start, 1e-9)
+        item = self.spec.task.item_name
+        for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), (f"{item}_per_second", rate)):
+            self.writer.add_scalar(f"train/{name}", value, t.step)
+        eta = (self.spec.train.max_steps - t.step) / steps_per_s if steps_per_s > 0 else float("nan")
+        log.info(
+            "%s step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.1f %s/s | eta %s",
+            self.spec.task.name, t.step, self.spec.train.max_steps, loss, lr, grad_norm, rate, item, _duration(eta),
+        )
+        self.start_window()
+
+    def validate(self, shard) -> float | None:
+        """Mean loss of the EMA model over the held-out rows, with fixed noise: comparable across steps."""
+        t, task, cfg = self.trainer, self.spec.task, self.spec.train
+        start = time.perf_counter()
+        rng = torch.Generator(device=t.device).manual_seed(cfg.seed + 1)
+        total, weight = 0.0, 0
+        with torch.no_grad(), _autocast(t.device):
+            for batch in shard.iter_torch_batches(batch_size=cfg.worker_batch_size, collate_fn=task.collate_fn()):
+                batch = task.prepare_batch(batch, t.device)
+                n = task.num_items(batch)
+                total += float(task.loss(t.ema.model, batch, rng)) * n
+                weight += n
+        if not weight:
+            return None
+        value = total / weight
+        self.writer.add_scalar("val/loss", value, t.step)
+        log.info("%s step %d | val loss %.4f on %d held-out %s (%.1f s)", task.name, t.step, value, weight,
+                 task.item_name, time.perf_counter() - start)
+        return value
+
+    def grid(self, reference: Any) -> None:
+        t = self.trainer
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.spec.task.grid(t.ema.model, reference)
+        if out is None:
+            return
+        images, rows, cols = out
+        rel = grid_name(t.step)
+        self.store.write_bytes(rel, grid_png(images, rows, cols))
+        log.info("grid written to %s (%.1f s)", posixpath.join(self.spec.run_url, rel), time.perf_counter() - start)
+
+    def sync(self) -> None:
+        """Flush events; for a remote RUN, upload the event files (one per attempt, never clobbered)."""
+        self.writer.flush()
+        if self.staged:
+            for name in os.listdir(self.log_dir):
+                self.store.fs.put_file(os.path.join(self.log_dir, name), self.store.path(f"{TB_DIR}/{name}"))
+
+    def close(self) -> None:
+        self.sync()
+        self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _maybe_crash(spec: LoopSpec, step: int, rank: int) -> None:
+    """Test-only: a real process death of rank 0 at `crash_at_step`, once (the marker remembers)."""
+    if spec.crash_at_step != step or rank != 0 or not spec.crash_marker or os.path.exists(spec.crash_marker):
+        return
+    Path(spec.crash_marker).write_text(f"killed at step {step}\n")
+    log.warning("test fault injection: rank 0 exits at step %d", step)
+    os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The Ray Train worker function: resume, train to `max_steps`, checkpoint, log, grid."""
+    import ray.train
+    import ray.train.torch
+
+    spec: LoopSpec = config["spec"]
+    task, cfg = spec.task, spec.train
+    _worker_logging(spec.quiet)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def wrap(model: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters}
+        )
+
+    trainer = Trainer(task, cfg, device, is_main=rank == 0, wrap=wrap)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = trainer.load(Path(folder))
+        if rank == 0:
+            log.info("%s resumed from step %d (loss %s)", task.name, state["step"], state["loss"])
+    trainer.reseed(rank)
+    monitor = _Monitor(spec, trainer) if rank == 0 else None
+    batches = batch_stream(ray.train.get_dataset_shard("train"), task, cfg, cfg.seed * 7919 + trainer.step, cfg.use_gpu)
+    val_shard = ray.train.get_dataset_shard(VAL) if spec.has_val and rank == 0 else None
+    reference = None
+    sums = torch.zeros(3, device=device)  # loss, grad norm, items since the last log
+    count = 0
+    attempt_start = time.perf_counter()
+    seconds_before = trainer.train_seconds
+    grid_done_at = -1
+    if rank == 0:
+        log.info("%s: %d worker(s) on %s, batch %d per worker, steps %d -> %d",
+                 task.name, world, device, cfg.worker_batch_size, trainer.step, cfg.max_steps)
+    while trainer.step < cfg.max_steps:
+        batch = task.prepare_batch(next(batches), device)
+        if reference is None:
+            reference = batch
+            if monitor is not None:
+                monitor.start_window()
+        loss, grad_norm, lr = trainer.train_step(batch)
+        sums += torch.stack([loss, grad_norm, torch.tensor(float(task.num_items(batch)), device=device)])
+        count += 1
+        trainer.train_seconds = seconds_before + time.perf_counter() - attempt_start
+        _maybe_crash(spec, trainer.step, rank)
+        step = trainer.step
+        is_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 or is_checkpoint:  # checkpoints carry up-to-date counters
+            if world > 1:  # every rank reaches this step: the collective is safe
+                torch.distributed.all_reduce(sums)
+            loss_sum, norm_sum, items = sums.tolist()
+            trainer.last_loss = loss_sum / (count * world)
+            trainer.items_seen += int(items)
+            if monitor is not None:
+                monitor.log(trainer.last_loss, norm_sum / (count * world), lr, int(items))
+            sums.zero_()
+            count = 0
+        if monitor is not None and cfg.grid_every and step % cfg.grid_every == 0:
+            monitor.grid(reference)
+            grid_done_at = step
+        if is_checkpoint:
+            if monitor is not None and val_shard is not None:
+                trainer.val_loss = monitor.validate(val_shard)
+            _report(trainer, monitor, rank)
+    if monitor is None:
+        return None
+    if grid_done_at != trainer.step and reference is not None:
+        monitor.grid(reference)
+    monitor.close()
+    return {
+        "step": trainer.step, "loss": trainer.last_loss, "val_loss": trainer.val_loss,
+        "train_seconds": round(trainer.train_seconds, 1),
+        "items_seen": trainer.items_seen, "item_name": task.item_name, "world_size": world, "device": str(device),
+        "num_parameters": sum(p.numel() for p in trainer.model.parameters()),
+    }
+
+
+def _report(trainer: Trainer, monitor: _Monitor | None, rank: int) -> None:
+    """A checkpoint from rank 0 (Ray persists it to RUN/checkpoint_<step>); every rank reports."""
+    import ray.train
+
+    metrics = {"step": trainer.step, "loss": trainer.last_loss, "train_seconds": trainer.train_seconds}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    assert monitor is not None
+    with tempfile.TemporaryDirectory(prefix="flextok-ckpt-") as folder:
+        trainer.save(Path(folder))
+        monitor.sync()
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=checkpoint_dir_name(trainer.step),
+        )
+    # Wait until the controller has registered it: a crash right after must resume from this one.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    log.info("checkpoint at step %d", trainer.step)
+
+

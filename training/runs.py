@@ -1,0 +1,169 @@
+"""Run folders: the one owner of RUN's layout, its newest checkpoint and the provenance of its models.
+
+The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
+
+    job.json                  settings the run was started with; a re-run must use the same ones
+    checkpoint_<step>/        Ray Train checkpoints (the newest `keep_checkpoints`):
+        model.safetensors       EMA weights written by the model's own `save_pretrained` (+ step),
+                                so a checkpoint folder loads like a finished model
+        train_state.safetensors online weights (`model.*`), AdamW moments (`optim.*`) and the step
+                                state as JSON metadata
+    checkpoint_manager_snapshot.json   Ray Train's record of the checkpoints (what resume reads)
+    tensorboard/              event files: loss, lr, grad norm, images/s or tokens/s
+    grids/step_<step>.png     reconstruction or sample grids (rank 0)
+    model.safetensors         the final EMA model
+    train_summary.json        written last: the run is finished and a re-run does nothing
+
+Provenance: which tokenizer a generator's tokens come from, and whether another tokenizer checkpoint
+emits the same tokens (`keeps_tokens_of`), so that fine-tunes and grids use a tokenizer that speaks them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipelines.writer import OutputStore
+
+log = logging.getLogger("training.runs")
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.safetensors"
+STATE_KIND = "TrainState"
+JOB_FILE = "job.json"
+SUMMARY_FILE = "train_summary.json"
+TB_DIR = "tensorboard"
+GRID_DIR = "grids"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def open_run(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputStore:
+    """RUN as a store (local or remote), for reading and writing its files by relative name."""
+    return OutputStore(url, storage_options)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """`checkpoint_<step>`, zero-padded so that names sort by step."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def grid_name(step: int) -> str:
+    return f"{GRID_DIR}/step_{step:07d}.png"
+
+
+def ray_storage(run_url: str, storage_options: Mapping[str, Any]) -> tuple[str, str, Any]:
+    """RUN -> (Ray Train storage_path, name, storage_filesystem or None): RUN is the experiment folder."""
+    store = open_run(run_url, storage_options)
+    parent, name = posixpath.split(store.root.rstrip("/"))
+    if not name:
+        raise ValueError(f"--output {run_url} must name a folder, not a filesystem root")
+    if store.is_local:
+        return parent, name, None
+    import pyarrow.fs
+
+    return parent, name, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
+
+
+def checkpoint_steps(store: OutputStore) -> list[int]:
+    """Steps of RUN's `checkpoint_<step>` folders, oldest first (local or remote)."""
+    try:
+        names = [posixpath.basename(e.rstrip("/")) for e in store.fs.ls(store.path(""), detail=False)]
+    except FileNotFoundError:
+        return []
+    n = len(CHECKPOINT_PREFIX)
+    return sorted(int(name[n:]) for name in names if name.startswith(CHECKPOINT_PREFIX) and name[n:].isdigit())
+
+
+def latest_checkpoint_step(store: OutputStore) -> int:
+    """The step of RUN's newest `checkpoint_<step>` folder (the one a resumed run starts from), 0 if none."""
+    return max(checkpoint_steps(store), default=0)
+
+
+def newest_model(store: OutputStore) -> str:
+    """RUN's model, relative to RUN: `model.safetensors` when finished, else the newest checkpoint's EMA."""
+    if store.exists(MODEL_FILE):
+        return MODEL_FILE
+    for step in reversed(checkpoint_steps(store)):
+        name = f"{checkpoint_dir_name(step)}/{MODEL_FILE}"
+        if store.exists(name):
+            return name
+    raise FileNotFoundError(f"no {MODEL_FILE} in run folder {store.url} or its checkpoints")
+
+
+def latest_model_file(run: str | os.PathLike) -> Path:
+    """A local run folder's model: RUN/model.safetensors when finished, else the newest checkpoint's EMA."""
+    return Path(run) / newest_model(open_run(str(run)))
+
+
+def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        # A key the run did not record is a config field added since it started: not compared (the
+        # run had no such setting), or no run would resume across a version that adds a field.
+        for key in sorted(old):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return None if old == new else (path, old, new)
+
+
+def check_job_settings(store: OutputStore, settings: dict[str, Any]) -> None:
+    """A re-run must use the settings RUN was started with; the first run records them."""
+    if not store.exists(JOB_FILE):
+        return
+    before = store.read_json(JOB_FILE)
+    current = json.loads(json.dumps(settings))  # tuples -> lists, as stored
+    found = _first_difference({k: before.get(k) for k in current}, current, "")
+    if found:
+        path, old, new = found
+        raise ValueError(
+            f"{store.url} holds a run started with {path.lstrip('.')}={old!r}, not {new!r}; re-run with the "
+            "original settings to resume, or use a new --output"
+        )
+
+
+def resolve_init(path: str | None) -> tuple[str | None, str | None]:
+    """`--init` -> (absolute path, sha256), or (None, None); one clear error when it is missing."""
+    if path is None:
+        return None, None
+    from flextok.checkpoint import file_sha256, resolve_weights_path
+
+    weights = resolve_weights_path(Path(path).expanduser()).resolve()
+    return str(weights), file_sha256(weights)
+
+
+def keeps_tokens_of(tokenizer: str | None, sha256: str) -> bool:
+    """Whether the tokenizer that made the tokens (a readable checkpoint) emits the same tokens as the
+    checkpoint `sha256` (it is that checkpoint, or a decoder-only fine-tune of it)."""
+    from flextok.checkpoint import same_tokens_shas
+
+    try:
+        return bool(tokenizer) and sha256 in same_tokens_shas(Path(tokenizer).expanduser())
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_grid_tokenizer(explicit: str | None, metadata: dict[str, Any]) -> str | None:
+    """A tokenizer file to decode grids, or None (with a log line) when only a random preset is known."""
+    from flextok.checkpoint import file_sha256, resolve_weights_path
+
+    if explicit is not None:
+        path = resolve_weights_path(explicit)  # one clear error when missing
+        sha = metadata.get("checkpoint_sha256")
+        if sha and file_sha256(path) != sha:
+            raise ValueError(f"--tokenizer {explicit} is not the tokenizer these tokens were made with "
+                             f"(sha256 {sha[:12]}…)")
+        return str(path)
+    recorded = metadata.get("checkpoint_id") or ""
+    if recorded.startswith("preset:") or not recorded:
+        log.info("tokens come from %s (random weights): no sample grids", recorded or "an unknown tokenizer")
+        return None
+    if not Path(recorded).exists():
+        log.info("tokenizer %s named in the token metadata is not here: no sample grids (pass --tokenizer)", recorded)
+        return None
+    return str(resolve_weights_path(recorded))

@@ -1,0 +1,241 @@
+"""Tasks: what is trained and how its loss, batches, checkpoints and grids look, as picklable hooks.
+
+`TokenizerTask` trains FlexTok on images; `GeneratorTask` an AR generator on token rows (class
+labels, or captions through a frozen text encoder cached per worker). Pure PyTorch hooks: the loop
+(`training.loop`) and the `Trainer` call them and know nothing of either model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+from torch import nn
+
+from training.data import PixelCollate, TokenCollate, batch_to_device
+
+MAX_CACHED_CAPTIONS = 200_000  # per worker; beyond that captions are encoded batch by batch
+_TEXT_ENCODERS: dict[tuple[str, int, str], Any] = {}  # per process: (name, max_length, device) -> encoder
+_CAPTION_CACHE: dict[tuple[str, str], Any] = {}  # (encoder name, caption) -> states (n, E) on device
+_TOKENIZERS: dict[tuple[str, str], Any] = {}  # (path, device) -> FlexTok for grids
+
+
+class TrainTask(Protocol):
+    """What a job supplies: pure PyTorch hooks, picklable (it is shipped to every worker)."""
+
+    name: str  # "tokenizer" / "generator", for logs
+    item_name: str  # throughput unit: "images" or "tokens"
+    find_unused_parameters: bool
+
+    def build_model(self, device: torch.device) -> nn.Module: ...
+    def collate_fn(self) -> ArrowBatchCollateFn: ...
+    def prepare_batch(self, batch: Any, device: torch.device) -> Any: ...
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
+    def num_items(self, batch: Any) -> int: ...
+    def save_pretrained(self, model: nn.Module, path: Path, *, step: int) -> None: ...
+    def grid(self, model: nn.Module, reference: Any) -> tuple[torch.Tensor, list[str], list[str]] | None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+# The tokenizer ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerTask:
+    """The tokenizer's hooks for the training loop (shipped to every worker)."""
+
+    config: Any  # FlexTokConfig
+    preset: str | None
+    grid_images: int = 8
+    grid_steps: int = 25
+    name: str = "tokenizer"
+    item_name: str = "images"
+    find_unused_parameters: bool = False  # mask and null tokens enter the graph through torch.where
+    init_path: str | None = None  # fine-tuning: the weights to start from
+    init_sha256: str | None = None
+    same_tokens_as: tuple[str, ...] = ()  # --freeze-encoder: the checkpoints whose tokens this run keeps
+
+    def build_model(self, device):
+        from flextok import FlexTok
+
+        model = FlexTok.from_config(self.config, device)
+        if self.init_path is not None:
+            init = FlexTok.from_pretrained(self.init_path, device=device)
+            if init.config.decoder_depth < self.config.decoder_depth:  # --decoder-depth grows the decoder
+                model.load_with_fewer_decoder_blocks(init.state_dict())
+            else:
+                model.load_state_dict_strict(init.state_dict())
+            model.checkpoint_id = f"init:{self.init_path}"
+        else:
+            model.checkpoint_id = f"preset:{self.preset}"
+        return model.freeze_tokens() if self.same_tokens_as else model
+
+    def collate_fn(self):
+        return PixelCollate(self.config.image_size)
+
+    def prepare_batch(self, batch, device):
+        """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], converted on the device."""
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W)
+
+    def loss(self, model, images, generator):
+        return model(images, generator=generator)["loss"]
+
+    def num_items(self, images) -> int:
+        return int(images.shape[0])
+
+    def save_pretrained(self, model, path, *, step: int) -> None:
+        from flextok.checkpoint import SAME_TOKENS_KEY
+
+        extra: dict[str, Any] = {"step": step}
+        if self.same_tokens_as:
+            extra[SAME_TOKENS_KEY] = list(self.same_tokens_as)
+        model.save_pretrained(path, extra=extra)
+
+    def grid(self, model, images):
+        """Rows: training images; columns: the input, then reconstructions from k = 1, 2, 4, .., K tokens."""
+        K = self.config.num_registers
+        ks = sorted({2**i for i in range(K.bit_length()) if 2**i <= K} | {K})
+        x = images[: self.grid_images]
+        R = x.shape[0]
+        ids = model.tokenize(x)  # (R, K)
+        prefixes = [ids[r, :k] for k in ks for r in range(R)]  # one batched decode for every (k, image)
+        g = torch.Generator(device=x.device).manual_seed(0)
+        recs = model.detokenize(prefixes, steps=self.grid_steps, generator=g)  # (len(ks) * R, 3, H, W)
+        recs = recs.view(len(ks), R, *recs.shape[1:]).transpose(0, 1)  # (R, len(ks), 3, H, W)
+        return torch.cat([x[:, None], recs], dim=1), None, ["input"] + [f"k={k}" for k in ks]
+
+    def describe(self) -> dict[str, Any]:
+        described = {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict()}
+        if self.init_path is not None:
+            described.update(init=self.init_path, init_sha256=self.init_sha256)
+        if self.same_tokens_as:
+            described.update(frozen="encoder (tokens kept)", same_tokens_as_sha256=list(self.same_tokens_as))
+        return described
+
+
+# The generators --------------------------------------------------------------------------------
+def text_encoder(name: str, max_length: int, device) -> Any:
+    """The frozen text encoder, loaded once per worker process."""
+    from flextok.text_encoder import load_text_encoder
+
+    key = (name, max_length, str(device))
+    if key not in _TEXT_ENCODERS:
+        _TEXT_ENCODERS[key] = load_text_encoder(name, max_length=max_length, device=device)
+    return _TEXT_ENCODERS[key]
+
+
+def encode_captions(encoder: Any, captions: list[str]) -> tuple[Any, Any]:
+    """Captions -> (states (B, T, E), mask (B, T)) as `TextEncoder.encode` gives, from a cache."""
+    missing = [c for c in dict.fromkeys(captions) if (encoder.name, c) not in _CAPTION_CACHE]
+    fresh = {}
+    if missing:
+        states, mask = encoder.encode(missing)  # (M, T, E), (M, T), valid tokens first
+        for i, caption in enumerate(missing):
+            fresh[caption] = states[i, : int(mask[i].sum())]  # (n, E)
+        if len(_CAPTION_CACHE) + len(fresh) <= MAX_CACHED_CAPTIONS:
+            _CAPTION_CACHE.update({(encoder.name, c): s for c, s in fresh.items()})
+    rows = [fresh[c] if c in fresh else _CAPTION_CACHE[(encoder.name, c)] for c in captions]
+    lengths = torch.tensor([len(r) for r in rows], device=rows[0].device)
+    states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T, E), zero padded
+    mask = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]  # (B, T)
+    return states, mask
+
+
+@dataclass(frozen=True)
+class GeneratorTask:
+    """The generator's hooks for the training loop (shipped to every worker)."""
+
+    config: Any  # GPTConfig
+    tokenizer_id: str | None
+    tokenizer_sha256: str | None
+    tokenizer_path: str | None = None  # decodes grids; None = no grids
+    class_names: tuple[str, ...] = ()  # names of the labels, recorded in the checkpoint for `flextok sample`
+    init_path: str | None = None  # fine-tuning: the weights to start from
+    init_sha256: str | None = None
+    grid_conditions: int = 8
+    grid_per_condition: int = 4
+    grid_cfg: float = 3.0
+    grid_steps: int = 25
+    name: str = "generator"
+    item_name: str = "tokens"
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        # The learned null prefix enters the graph only through CFG dropout.
+        return self.config.cond == "text" and self.config.cond_dropout_prob == 0
+
+    def _encoder(self, device):
+        return text_encoder(self.config.text_encoder, self.config.num_prefix_tokens, device)
+
+    def build_model(self, device):
+        from flextok.generator import Generator
+
+        encoder = self._encoder(device) if self.config.cond == "text" else None
+        with torch.device(device):
+            model = Generator(self.config, text_encoder=encoder, tokenizer_id=self.tokenizer_id,
+                              tokenizer_sha256=self.tokenizer_sha256)
+        if self.init_path is not None:
+            model.load_state_dict(Generator.from_pretrained(self.init_path, device=device).state_dict(), strict=True)
+        return model
+
+    def collate_fn(self):
+        return TokenCollate(labels=self.config.cond == "class", captions=self.config.cond == "text")
+
+    def prepare_batch(self, batch, device) -> dict[str, Any]:
+        out = {"num_tokens": int(batch["lengths"].sum()), **batch_to_device(batch, device)}
+        if self.config.cond == "class":
+            out["cond"] = out["label"]
+        else:
+            out["cond"] = encode_captions(self._encoder(device), batch["caption"])
+        return out
+
+    def loss(self, model, batch, generator):
+        return model(batch["tokens"], batch["cond"], generator=generator)
+
+    def num_items(self, batch) -> int:
+        return batch["num_tokens"]
+
+    def save_pretrained(self, model, path, *, step: int) -> None:
+        extra: dict[str, Any] = {"step": step}
+        if self.class_names:
+            extra["class_names"] = list(self.class_names)
+        model.save_pretrained(path, extra=extra)
+
+    def _tokenizer(self, device):
+        from flextok import FlexTok
+
+        key = (self.tokenizer_path, str(device))
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = FlexTok.from_pretrained(self.tokenizer_path, device=device).eval()
+        return _TOKENIZERS[key]
+
+    def grid(self, model, batch):
+        """Rows: classes 0.. (or captions seen in training), `grid_per_condition` samples each."""
+        if self.tokenizer_path is None:
+            return None
+        if self.config.cond == "class":
+            conditions: list[Any] = list(range(min(self.config.num_classes, self.grid_conditions)))
+            labels = [f"{c}: {self.class_names[c]}" if self.class_names else f"class {c}" for c in conditions]
+        else:
+            conditions = list(dict.fromkeys(batch["caption"]))[: self.grid_conditions]
+            labels = list(conditions)
+        n = self.grid_per_condition
+        device = next(model.parameters()).device
+        g = torch.Generator(device=device).manual_seed(0)
+        expanded = [c for c in conditions for _ in range(n)]
+        cond = torch.tensor(expanded, device=device) if self.config.cond == "class" else encode_captions(
+            self._encoder(device), expanded)
+        tokens = model.generate(cond, cfg_scale=self.grid_cfg, generator=g)  # (R * n, K)
+        images = self._tokenizer(device).detokenize(tokens, steps=self.grid_steps, generator=g)
+        return images.view(len(conditions), n, *images.shape[1:]), labels, None  # (R, n, 3, H, W)
+
+    def describe(self) -> dict[str, Any]:
+        described = {"kind": "Generator", "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id,
+                     "tokenizer_sha256": self.tokenizer_sha256}
+        if self.init_path is not None:
+            described.update(init=self.init_path, init_sha256=self.init_sha256)
+        return described
+
+
