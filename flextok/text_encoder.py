@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -110,6 +111,21 @@ def _import_transformers():
     return transformers
 
 
+@contextmanager
+def _no_progress_bars(transformers, quiet: bool) -> Iterator[None]:
+    """transformers draws a "Loading weights" bar even for a 90 MB model read from disk; `quiet`
+    hides its bars while loading and restores the setting after (downloads keep theirs)."""
+    hf_logging = transformers.utils.logging
+    turn_off = quiet and hf_logging.is_progress_bar_enabled()
+    if turn_off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turn_off:
+            hf_logging.enable_progress_bar()
+
+
 def load_text_encoder(
     name: str = DEFAULT_TEXT_ENCODER,
     *,
@@ -138,14 +154,15 @@ def load_text_encoder(
         source, local_only = name, not allow_download
     transformers = _import_transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        if config.model_type == "t5":  # encoder half only
-            model = transformers.T5EncoderModel.from_pretrained(source, local_files_only=local_only)
-        elif config.model_type == "clip":  # text tower only
-            model = transformers.CLIPTextModel.from_pretrained(source, local_files_only=local_only)
-        else:
-            model = transformers.AutoModel.from_pretrained(source, local_files_only=local_only)
+        with _no_progress_bars(transformers, quiet=local_only):
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            if config.model_type == "t5":  # encoder half only
+                model = transformers.T5EncoderModel.from_pretrained(source, local_files_only=local_only)
+            elif config.model_type == "clip":  # text tower only
+                model = transformers.CLIPTextModel.from_pretrained(source, local_files_only=local_only)
+            else:
+                model = transformers.AutoModel.from_pretrained(source, local_files_only=local_only)
     except OSError as e:
         if local_only and source == name:
             raise ValueError(

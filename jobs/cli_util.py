@@ -9,6 +9,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from flextok.checkpoint import CheckpointError
+from pipelines.ray_logging import DropWarnings, add_filter
+
+# Library log lines that say nothing is wrong: (logger, message prefixes). Matplotlib announces that
+# it builds its font cache (once, on a fresh install, when that takes over 5 s).
+HARMLESS_LOG_LINES = (("matplotlib.font_manager", ("Matplotlib is building the font cache",)),)
 
 # Errors a user can act on: printed as one line on stderr, exit status 2.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError)
@@ -25,6 +30,8 @@ def run_cli(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name, prefixes in HARMLESS_LOG_LINES:
+        add_filter(logging.getLogger(name), DropWarnings(prefixes))
     try:
         return int(body(args) or 0)
     except USER_ERRORS as e:

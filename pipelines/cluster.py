@@ -1,6 +1,7 @@
 """Which Ray a job runs on: the cluster named by RAY_ADDRESS, or a local one this process starts.
 
 Owns `ensure_ray`, the one way jobs and pipelines connect (`flextok tokenize`, the training jobs).
+What Ray prints is set up here too, before Ray starts (`pipelines.ray_logging`).
 
 A local Ray is started with its GCS on a port chosen here and with RAY_ADDRESS naming it in the
 environment its processes inherit. Without that, Ray Train 2.60's placement-group cleaner, which
@@ -14,6 +15,8 @@ from __future__ import annotations
 import os
 import socket
 
+from pipelines.ray_logging import quiet_ray
+
 ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
 
@@ -24,6 +27,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _with_defaults(defaults: dict, given: dict) -> dict:
+    """`ray.init` kwargs: the caller's, over `defaults`; a given runtime_env keeps the defaults' keys
+    it does not set."""
+    merged = {**defaults, **given}
+    if "runtime_env" in defaults and "runtime_env" in given:
+        merged["runtime_env"] = {**defaults["runtime_env"], **(given["runtime_env"] or {})}
+    return merged
+
+
 def ensure_ray(**init_kwargs) -> bool:
     """Join RAY_ADDRESS's cluster (`ray job submit`) or the one this process already runs, else
     start a local Ray. True if it connected now."""
@@ -32,7 +44,7 @@ def ensure_ray(**init_kwargs) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get(ADDRESS_ENV):
-        ray.init(**init_kwargs)
+        ray.init(**_with_defaults(quiet_ray(local=False), init_kwargs))
     else:
         start_local_ray(**init_kwargs)
     return True
@@ -43,6 +55,7 @@ def start_local_ray(**init_kwargs):
     know its address; returns `ray.init`'s context."""
     import ray
 
+    init_kwargs = _with_defaults(quiet_ray(local=True), init_kwargs)
     port = _free_port()
     pinned = {GCS_PORT_ENV: str(port), ADDRESS_ENV: f"{ray.util.get_node_ip_address()}:{port}"}
     saved = {k: os.environ.get(k) for k in pinned}

@@ -93,3 +93,16 @@ def test_a_local_folder_loads_like_the_package(encoder, tmp_path):
     a, _ = local.encode(["snowflake"])
     b, _ = encoder.encode(["snowflake"])
     torch.testing.assert_close(a, b)
+
+
+def test_loading_from_disk_draws_no_progress_bar_and_leaves_the_setting_as_it_was(capfd):
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        load_text_encoder(max_length=4)
+        assert hf_logging.is_progress_bar_enabled() is enabled
+    hf_logging.enable_progress_bar()
+    printed = "".join(capfd.readouterr())
+    assert "Loading weights" not in printed and "it/s" not in printed
