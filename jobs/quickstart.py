@@ -1,14 +1,22 @@
 """`flextok quickstart`: the whole system on one machine in minutes.
 
-Builds the emoji corpus from the OS packages, gets a tokenizer (the bundled one, else a brief
-training run), tokenizes the corpus with the Ray Data pipeline, gets a text-conditional generator
-(the bundled one, fine-tuned briefly on these tokens with Ray Train when it was trained on that
-tokenizer; else a brief Ray Train run from scratch), samples a grid for 8 prompts, makes a
-reconstruction grid over k, and writes a Markdown report.
+Shows what the shipped models do, then runs the pipeline a user would run on their own data:
+- Fashion-MNIST (the shipped tokenizer and class-conditional generator): held-out test images
+  reconstructed from their first k = 1, 2, 4, ..., 32 tokens, and samples of every class.
+- Emoji: builds the emoji corpus from the OS fonts, gets a tokenizer (the bundled one, else a brief
+  training run), tokenizes the corpus with the Ray Data pipeline, gets a text-conditional generator
+  (the bundled one, fine-tuned briefly on these tokens with Ray Train when it was trained on that
+  tokenizer; else a brief Ray Train run from scratch), samples 8 prompts and reconstructs held-out
+  emoji over k.
+All of it lands in one Markdown report, OUT/report.md.
 
-Every stage is the real job run as a user would run it (`python -m jobs.<name>`), as a child process.
-Each Ray stage starts its own local Ray (or joins RAY_ADDRESS): sharing one local instance between
-processes would need Ray 2.60's cluster auth token handed around, for a saving of seconds.
+Every stage is the real job run as a user would run it (`python -m jobs.<name>`), as a child process
+whose command is printed as a shell line that can be pasted back (`shlex.join`). Its log goes to
+OUT/logs/<stage>.log; the console gets the job's own summary (its stdout), any warning or error line
+of its log, and on a terminal one status line per stage (the log's latest line). A failed stage
+prints the end of its log. Each Ray stage starts its own local Ray (or joins RAY_ADDRESS): sharing
+one local instance between processes would need Ray 2.60's cluster auth token handed around, for a
+saving of seconds.
 """
 
 from __future__ import annotations
@@ -16,11 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import selectors
+import shlex
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from jobs.cli_util import non_negative_int, positive_int, run_cli
 
@@ -28,7 +41,20 @@ PROMPTS = (
     "grinning face", "red heart", "thumbs up", "fire",
     "cat face", "rocket", "slice of pizza", "sun with face",
 )
-ASSETS = Path(__file__).resolve().parents[1] / "flextok" / "assets" / "emoji"
+ASSETS_ROOT = Path(__file__).resolve().parents[1] / "flextok" / "assets"
+ASSETS = ASSETS_ROOT / "emoji"
+FASHION_ASSETS = ASSETS_ROOT / "fashion-mnist"
+FASHION_IMAGES = 200  # held-out test images reconstructed (a 64-image grid and the PSNR / class-kept table)
+FASHION_CFG = 5.0  # the class generator's shipped setting (its model card: the asked class 97% of the time)
+EMOJI_CFG = 3.0
+DEFAULT_OUT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flextok" / "quickstart"
+
+# Log lines a stage must show even when its log is not: warnings, errors, tracebacks, glog W/E/F lines.
+_ALARM = re.compile(r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|Traceback|\w+(Error|Warning):|^\[[^\]]* [WEF] \d+ \d+\]")
+# Ray core's one known-harmless C++ line per Ray Data actor pool (see pipelines/ray_logging.py).
+_HARMLESS = ("has constructor arguments in the object store and max_restarts > 0",)
+_FAILED_TAIL = 40  # log lines shown when a stage fails
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours its worker prefixes
 
 
 class StageFailed(RuntimeError):
@@ -38,11 +64,13 @@ class StageFailed(RuntimeError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flextok quickstart",
-        description="Build the emoji corpus, tokenize it with Ray Data, train (or use the bundled) "
-        "tokenizer and text-conditional generator, sample 8 prompts, reconstruct over k, and "
-        "write OUT/report.md.",
+        description="Show the shipped models (Fashion-MNIST reconstructions over k and class samples; "
+        "emoji text samples), and run the pipeline on the emoji corpus: tokenize it with Ray Data, "
+        "fine-tune (or train) a text-conditional generator with Ray Train, sample 8 prompts, reconstruct "
+        "over k. Writes OUT/report.md.",
     )
-    p.add_argument("--out", default="flextok-quickstart", help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="output folder, outside the checkout by default (default: %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the bundled emoji tokenizer, "
                    "else one trained briefly here)")
     p.add_argument("--generator", help="generator checkpoint or run folder (default: the bundled emoji "
@@ -58,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Euler steps of the tokenizer's flow decoder for samples and reconstructions (default "
                    "%(default)s: the tiny shipped tokenizers give their sharpest, highest-PSNR pictures in one step, "
                    "see their model cards; paper-scale tokenizers want ~25)")
-    p.add_argument("--limit", type=positive_int, help="use at most this many emoji (default: all 3,655)")
+    p.add_argument("--limit", type=positive_int, help="use at most this many emoji (default: all 3,264 of the train split)")
+    p.add_argument("--no-fashion-mnist", action="store_true",
+                   help="skip the Fashion-MNIST part (it needs the OS package dataset-fashion-mnist)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    p.add_argument("--verbose", action="store_true", help="print every stage's full log as it runs")
+    p.add_argument("--quiet", action="store_true", help="the stages log warnings only")
     return p
 
 
@@ -75,95 +106,221 @@ def _sha256_recorded(generator: Path) -> str | None:
     return read_metadata(generator).get("tokenizer_sha256")
 
 
-class Stages:
-    """Runs numbered stages as child processes and times them."""
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:48]
 
-    def __init__(self, total: int, env: dict[str, str]) -> None:
-        self.total, self.env, self.done = total, env, 0
+
+class Stages:
+    """Runs numbered stages as child processes, each echoed as a shell line, and times them.
+
+    The child's stdout (a job's summary) is printed; its stderr (log lines, Ray's worker output) goes
+    to `logs/<n>-<stage>.log`, and to the console only for lines that look like a warning or an
+    error (all of it with `verbose`). On a terminal the latest log line is a status line, rewritten
+    in place; a failed stage prints the end of its log."""
+
+    def __init__(self, total: int, env: dict[str, str], logs: Path, *, verbose: bool = False,
+                 console: TextIO | None = None) -> None:
+        self.total, self.env, self.logs, self.verbose = total, env, logs, verbose
+        self.console = console or sys.stdout
+        self.live = self.console.isatty()
+        self.done = 0
         self.timings: list[tuple[str, float]] = []
 
-    def run(self, title: str, module: str, *args: str) -> None:
+    def _say(self, text: str) -> None:
+        self.console.write(text + "\n")
+        self.console.flush()
+
+    def _status(self, text: str) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.console.write("\r\033[K" + text[:width])
+        self.console.flush()
+
+    def _clear_status(self) -> None:
+        if self.live:
+            self.console.write("\r\033[K")
+
+    def run(self, title: str, module: str, *args: object) -> None:
         self.done += 1
-        print(f"\n[{self.done}/{self.total}] {title}", flush=True)
-        cmd = [sys.executable, "-m", module, *map(str, args)]
-        print("    $ " + " ".join(cmd[1:]), flush=True)
+        argv = [sys.executable, "-m", module, *map(str, args)]
+        self._say(f"\n[{self.done}/{self.total}] {title}")
+        self._say("    $ " + shlex.join(argv))
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / f"{self.done:02d}-{_slug(title)}.log"
         t0 = time.perf_counter()
-        code = subprocess.call(cmd, env=self.env)
+        with open(log_path, "w") as log:
+            code, tail, alarms = self._follow(argv, log, t0)
+        if alarms and code == 0 and not self.verbose:
+            self._say(f"    (the lines above are from {log_path})")
         if code != 0:
-            raise StageFailed(f"stage {self.done}/{self.total} ({title}) failed with exit status {code}; its error is above")
+            self._say(f"    --- last lines of {log_path} ---")
+            for line in tail[-_FAILED_TAIL:]:
+                self._say("    " + line)
+            raise StageFailed(f"stage {self.done}/{self.total} ({title}) failed with exit status {code}; "
+                              f"its log: {log_path}")
         self.timings.append((title, time.perf_counter() - t0))
+
+    def _follow(self, argv: list[str], log: TextIO, t0: float) -> tuple[int, list[str], int]:
+        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, "out")
+        sel.register(proc.stderr, selectors.EVENT_READ, "err")
+        tail: list[str] = []
+        alarms, open_streams = 0, 2
+        while open_streams:
+            for key, _ in sel.select(timeout=1.0):
+                line = key.fileobj.readline()
+                if not line:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                    continue
+                line = _ANSI.sub("", line.rstrip("\n"))
+                log.write(line + "\n")
+                tail = (tail + [line])[-_FAILED_TAIL:]
+                alarm = key.data == "err" and _ALARM.search(line) and not any(h in line for h in _HARMLESS)
+                alarms += bool(alarm)
+                if key.data == "out" or alarm or self.verbose:
+                    self._clear_status()
+                    self._say("    " + line)
+                elif self.live and line.strip():
+                    self._status(f"    {time.perf_counter() - t0:4.0f} s  {line.strip()}")
+            log.flush()
+        self._clear_status()
+        return proc.wait(), tail, alarms
 
     def skip(self, title: str, why: str) -> None:
         self.done += 1
-        print(f"\n[{self.done}/{self.total}] {title}: {why}", flush=True)
+        self._say(f"\n[{self.done}/{self.total}] {title}: {why}")
         self.timings.append((f"{title} ({why})", 0.0))
 
 
-def _report(out: Path, facts: dict, timings: list[tuple[str, float]], metrics: dict) -> Path:
-    psnr = metrics.get("psnr", {})
-    lines = [
-        "# FlexTok quickstart",
-        "",
-        f"Corpus: {facts['images']} emoji rendered from the Noto Color Emoji font (captions = emoji names).",
-        f"Tokenizer: {facts['tokenizer']} ({facts['tokenizer_source']}).",
-        f"Generator: {facts['generator']} ({facts['generator_source']}).",
-        "",
-        "## Samples for 8 prompts",
-        "",
-        f"![samples](samples.png)\n\n{facts['num_tokens']} tokens per image, CFG {facts['cfg']}, "
-        f"{facts['decoder_steps']} decoder step(s).",
-        "",
-        "## Reconstructions over k",
-        "",
-        "Each row is one held-out emoji decoded from its first k tokens (k = 1, 2, 4, ...).",
-        "",
-        "![reconstructions](eval/reconstructions.png)",
-        "",
-        "![PSNR vs k](eval/psnr_vs_k.png)",
-        "",
+def _psnr_table(per_k: list[dict], accuracy_label: str | None = None) -> list[str]:
+    ks = [str(r["k"]) for r in per_k]
+    lines = ["| k | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
+             "| PSNR (dB) | " + " | ".join(f"{r['psnr']:.2f}" for r in per_k) + " |"]
+    if accuracy_label and all(r.get("classifier_accuracy") is not None for r in per_k):
+        lines.append(f"| {accuracy_label} | " + " | ".join(f"{100 * r['classifier_accuracy']:.0f}%" for r in per_k) + " |")
+    return lines + [""]
+
+
+def _read_metrics(eval_dir: Path) -> dict:
+    path = eval_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _report(out: Path, facts: dict, timings: list[tuple[str, float]]) -> Path:
+    lines = ["# FlexTok quickstart", ""]
+    fm = facts.get("fashion")
+    if fm:
+        metrics = _read_metrics(out / "fashion-mnist" / "eval")
+        lines += [
+            "## Fashion-MNIST: the shipped tokenizer and class-conditional generator", "",
+            f"Tokenizer: {fm['tokenizer']}; generator: {fm['generator']} (see their model cards).", "",
+            "### Reconstructions over k", "",
+            f"Each row is one held-out test image (never seen in training), then its reconstruction from the "
+            f"first k tokens: the first token sets the garment's kind and rough shape, later ones add detail. "
+            f"{metrics.get('num_images', '?')} test images, {fm['decoder_steps']} decoder step(s).", "",
+            "![Fashion-MNIST reconstructions](fashion-mnist/eval/reconstructions.png)", "",
+        ]
+        if metrics.get("per_k"):
+            kept = metrics.get("originals_classifier_accuracy")
+            label = "class kept" + (f" (originals {100 * kept:.0f}%)" if kept is not None else "")
+            lines += _psnr_table(metrics["per_k"], label)
+            if kept is not None:
+                lines += ["Class kept: how often the project's small judge classifier (shipped beside the "
+                          "tokenizer) gives the reconstruction the image's true label.", ""]
+        lines += [
+            "### Samples of every class", "",
+            f"![Fashion-MNIST class samples](fashion-mnist/classes.png)\n\nOne row per class, "
+            f"{fm['per_class']} samples each: {fm['num_tokens']} tokens sampled by the class-conditional "
+            f"generator at CFG {fm['cfg']:g}, decoded in {fm['decoder_steps']} step(s).", "",
+        ]
+    elif facts.get("fashion_skipped"):
+        lines += [f"Fashion-MNIST part skipped: {facts['fashion_skipped']}.", ""]
+    em = facts["emoji"]
+    metrics = _read_metrics(out / "eval")
+    lines += [
+        "## Emoji: the pipeline on a corpus built here", "",
+        f"Corpus: {em['images']} emoji rendered from the Noto Color Emoji font (captions = emoji names), "
+        "tokenized with the Ray Data pipeline.",
+        f"Tokenizer: {em['tokenizer']} ({em['tokenizer_source']}).",
+        f"Generator: {em['generator']} ({em['generator_source']}).", "",
+        "### Samples for 8 prompts", "",
+        f"![emoji samples](samples.png)\n\n{em['num_tokens']} tokens per image, CFG {em['cfg']:g}, "
+        f"{em['decoder_steps']} decoder step(s). The emoji models are tiny and briefly trained on 3,264 "
+        "images: expect the colours and rough layout of the prompt, not a crisp emoji.", "",
+        "### Reconstructions over k", "",
+        "Each row is one held-out emoji decoded from its first k tokens (k = 1, 2, 4, ...).", "",
+        "![emoji reconstructions](eval/reconstructions.png)", "",
+        "![PSNR vs k](eval/psnr_vs_k.png)", "",
     ]
-    if psnr:
-        lines += ["| k | " + " | ".join(str(k) for k in psnr) + " |",
-                  "|---|" + "---|" * len(psnr),
-                  "| PSNR (dB) | " + " | ".join(f"{v:.2f}" for v in psnr.values()) + " |", ""]
+    if metrics.get("per_k"):
+        lines += _psnr_table(metrics["per_k"])
     lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {title} | {secs:.0f} |" for title, secs in timings]
-    lines += ["", f"Total: {sum(s for _, s in timings):.0f} s."]
+    lines += ["", f"Total: {sum(s for _, s in timings):.0f} s. Logs: `logs/`."]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _read_psnr(eval_dir: Path) -> dict:
-    for name in ("metrics.json", "results.json"):
-        path = eval_dir / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            per_k = data.get("per_k") or data.get("psnr_per_k") or {}
-            if isinstance(per_k, list):
-                return {"psnr": {str(r["k"]): r["psnr"] for r in per_k if "psnr" in r}}
-            if isinstance(per_k, dict):
-                return {"psnr": {str(k): (v["psnr"] if isinstance(v, dict) else v) for k, v in per_k.items()}}
-    return {}
+def _fashion_missing() -> str | None:
+    from pipelines.corpus import FASHION_MNIST_DIR
+
+    for name in ("tokenizer.safetensors", "generator.safetensors"):
+        if not (FASHION_ASSETS / name).is_file():
+            return f"{FASHION_ASSETS / name} is not in this checkout"
+    if not FASHION_MNIST_DIR.is_dir():
+        return f"{FASHION_MNIST_DIR} is missing (install the OS package dataset-fashion-mnist)"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     for flag, value in (("--tokenizer", args.tokenizer), ("--generator", args.generator)):
         if value and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value} does not exist")
-    out = Path(args.out).resolve()
+    out = args.out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    env = dict(os.environ)
     quiet = ["--quiet"] if args.quiet else []
-    stages = Stages(6, env)
-    limit = ["--limit", str(args.limit)] if args.limit else []
+    fashion_skipped = "--no-fashion-mnist" if args.no_fashion_mnist else _fashion_missing()
+    stages = Stages(7 if fashion_skipped else 10, dict(os.environ), out / "logs", verbose=args.verbose)
+    print(f"flextok quickstart -> {out}", flush=True)
+    facts: dict = {"fashion_skipped": fashion_skipped}
+    if not fashion_skipped:
+        facts["fashion"] = _fashion(stages, out / "fashion-mnist", args, quiet)
+    facts["emoji"] = _emoji(stages, out, args, quiet)
+    report = _report(out, facts, stages.timings)
+    print(f"\nDone in {time.perf_counter() - t0:.0f} s. Report: {report}")
+    return 0
 
+
+def _fashion(stages: Stages, out: Path, args: argparse.Namespace, quiet: list[str]) -> dict:
+    tokenizer, generator = FASHION_ASSETS / "tokenizer.safetensors", FASHION_ASSETS / "generator.safetensors"
+    judge = FASHION_ASSETS / "judge.safetensors"
+    stages.run(f"Fashion-MNIST test split ({FASHION_IMAGES} images, never seen in training)", "jobs.corpus",
+               "fashion-mnist", "--out", out / "test", "--split", "test", "--limit", FASHION_IMAGES, *quiet)
+    stages.run("reconstruct Fashion-MNIST test images over k (shipped tokenizer)", "jobs.evaluate", "tokenizer",
+               "--tokenizer", tokenizer, "--data", out / "test", "--out", out / "eval",
+               "--max-images", FASHION_IMAGES, "--steps", args.decoder_steps,
+               *(["--classifier", judge] if judge.is_file() else []), "--seed", args.seed, *quiet)
+    per_class = 6
+    stages.run("sample every Fashion-MNIST class (shipped class-conditional generator)", "jobs.sample",
+               "--generator", generator, "--tokenizer", tokenizer, "--labels", *range(10), "--num-tokens", 32,
+               "--per-condition", per_class, "--cfg-scale", FASHION_CFG, "--decoder-steps", args.decoder_steps,
+               "--seed", args.seed, "--out", out / "classes.png", *quiet)
+    return {"tokenizer": tokenizer.relative_to(ASSETS_ROOT.parents[1]),
+            "generator": generator.relative_to(ASSETS_ROOT.parents[1]), "per_class": per_class,
+            "num_tokens": 32, "cfg": FASHION_CFG, "decoder_steps": args.decoder_steps}
+
+
+def _emoji(stages: Stages, out: Path, args: argparse.Namespace, quiet: list[str]) -> dict:
+    limit = ["--limit", str(args.limit)] if args.limit else []
     corpus = out / "corpus"
-    stages.run("emoji corpus from the OS fonts (train and test splits)", "jobs.corpus", "emoji",
+    stages.run("emoji corpus from the OS fonts (train split)", "jobs.corpus", "emoji",
                "--out", corpus / "train", "--size", "32", "--split", "train", *limit, *quiet)
-    subprocess.check_call([sys.executable, "-m", "jobs.corpus", "emoji", "--out", str(corpus / "test"),
-                           "--size", "32", "--split", "test", "--limit", "64", "--quiet"], env=env)
+    stages.run("emoji corpus (64 held-out emoji of the test split)", "jobs.corpus", "emoji",
+               "--out", corpus / "test", "--size", "32", "--split", "test", "--limit", "64", *quiet)
 
     tokenizer = Path(args.tokenizer) if args.tokenizer else _bundled("tokenizer.safetensors")
     if tokenizer is not None:
@@ -176,16 +333,17 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = out / "tokenizer" / "model.safetensors"
         tokenizer_source = f"trained here for {args.tokenizer_steps} steps"
 
-    stages.run("tokenize the corpus with the Ray Data pipeline", "jobs.tokenize",
+    stages.run("tokenize the emoji corpus with the Ray Data pipeline", "jobs.tokenize",
                "--input", corpus / "train", "--output", out / "tokens", "--model", tokenizer, *quiet)
 
-    from flextok.checkpoint import same_tokens_shas
+    from flextok.checkpoint import read_metadata, same_tokens_shas
 
     generator = Path(args.generator) if args.generator else _bundled("generator.safetensors")
     if generator is not None and not args.generator and _sha256_recorded(generator) not in same_tokens_shas(tokenizer):
         generator = None  # the bundled generator speaks another tokenizer's tokens
     if generator is not None and not args.generator and args.finetune_steps:
-        stages.run(f"fine-tune the bundled text-conditional generator on these tokens ({args.finetune_steps} steps)",
+        stages.run(f"fine-tune the bundled text-conditional generator on these tokens with Ray Train "
+                   f"({args.finetune_steps} steps)",
                    "jobs.train_generator", "--tokens", out / "tokens", "--output", out / "generator",
                    "--cond", "text", "--init", generator, "--tokenizer", tokenizer, "--max-steps",
                    args.finetune_steps, "--lr", "1e-4", "--warmup-steps", "0", "--grid-every", "0",
@@ -196,34 +354,26 @@ def run(args: argparse.Namespace) -> int:
         stages.skip("generator", f"using {generator}")
         generator_source = "given" if args.generator else "bundled, see its model card"
     else:
-        stages.run(f"train a text-conditional generator briefly ({args.generator_steps} steps)",
+        stages.run(f"train a text-conditional generator briefly with Ray Train ({args.generator_steps} steps)",
                    "jobs.train_generator", "--tokens", out / "tokens", "--output", out / "generator",
                    "--cond", "text", "--tokenizer", tokenizer, "--max-steps", args.generator_steps,
                    "--seed", args.seed, *quiet)
         generator = out / "generator"
         generator_source = f"trained here for {args.generator_steps} steps"
 
-    from flextok.checkpoint import read_metadata
-
     num_tokens = json.loads(read_metadata(tokenizer)["config"])["num_registers"]
-    cfg = 3.0
     stages.run("sample 8 prompts", "jobs.sample", "--generator", generator, "--tokenizer", tokenizer,
-               "--prompts", *PROMPTS, "--num-tokens", num_tokens, "--cfg-scale", cfg,
+               "--prompts", *PROMPTS, "--num-tokens", num_tokens, "--cfg-scale", EMOJI_CFG,
                "--decoder-steps", args.decoder_steps, "--seed", args.seed, "--out", out / "samples.png", *quiet)
     stages.run("reconstruct held-out emoji over k", "jobs.evaluate", "tokenizer", "--tokenizer", tokenizer,
                "--data", corpus / "test", "--out", out / "eval", "--max-images", "64", "--steps", args.decoder_steps,
-               *quiet)
-
-    facts = {
+               "--seed", args.seed, *quiet)
+    return {
         "images": json.loads((corpus / "train" / "dataset.json").read_text()).get("num_samples", "?"),
         "tokenizer": tokenizer, "tokenizer_source": tokenizer_source,
         "generator": generator, "generator_source": generator_source,
-        "num_tokens": num_tokens, "cfg": cfg, "decoder_steps": args.decoder_steps,
+        "num_tokens": num_tokens, "cfg": EMOJI_CFG, "decoder_steps": args.decoder_steps,
     }
-    report = _report(out, facts, stages.timings, _read_psnr(out / "eval"))
-    print(f"\nDone in {time.perf_counter() - t0:.0f} s. Report: {report}")
-    print(f"Samples: {out / 'samples.png'}   Reconstructions: {out / 'eval'}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
