@@ -23,6 +23,7 @@ import torch
 
 from flextok.classifier import to_float_images
 from flextok.metrics import FeatureStats, frechet_distance_stats, mse_per_image, psnr_from_mse
+from flextok.precision import precision_context
 from flextok.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,15 @@ def reconstruction_metrics(
     grid_images: int = 8,
     feature_net: Any = None,
     progress: Progress | None = None,
+    precision: str = "fp32",
 ) -> ReconstructionResult:
     """Tokenize `images` (N, 3, S, S) (uint8 or [-1, 1]) once, decode every prefix k, score.
 
     With a classifier and labels (N,) (-1 = unknown), also the fraction of originals and of
     reconstructions at each k that the classifier assigns to the true label. With a `feature_net`
     (`.features`, `.feature_space`), also the Fréchet distance between the features of the
-    reconstructions at each k and of the originals (rFID).
+    reconstructions at each k and of the originals (rFID). Tokenizing and decoding run at
+    `precision` (`flextok.precision`): pass the pipeline's to measure the tokens it writes.
     """
     ks = sorted(set(int(k) for k in ks))
     K = tokenizer.config.num_registers
@@ -128,12 +131,14 @@ def reconstruction_metrics(
     grid_rows: list[torch.Tensor] = []
     for b, start in enumerate(range(0, n, batch_size)):
         x = to_float_images(images[start : start + batch_size]).to(device)
-        tokens = tokenizer.tokenize(x)  # (B, K)
+        with precision_context(precision, device):
+            tokens = tokenizer.tokenize(x)  # (B, K)
         keep = max(0, min(grid_images - start, x.shape[0]))
         columns = [x[:keep].cpu()]
         for k in ks:
-            rec = tokenizer.detokenize(tokens[:, :k], steps=steps, guidance_scale=guidance_scale, apg=apg,
-                                       generator=_seeded(seed, b, device))
+            with precision_context(precision, device):
+                rec = tokenizer.detokenize(tokens[:, :k], steps=steps, guidance_scale=guidance_scale, apg=apg,
+                                           generator=_seeded(seed, b, device)).float()
             sq_err[k].append(mse_per_image(rec, x).cpu())
             if classifier is not None:
                 preds[k].append(predict(classifier, rec))

@@ -26,6 +26,7 @@ from flextok.checkpoint import (
     read_metadata,
     same_tokens_shas,
 )
+from flextok.precision import precision_context
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,13 @@ def sample(
     decoder_apg: bool = False,
     rng: torch.Generator | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample per condition (class ids or captions), in batches.
 
-    Returns tokens (N, num_tokens) int64 and images (N, 3, H, W) in [-1, 1], both on CPU.
-    `on_batch(done, total)` reports progress.
+    Returns tokens (N, num_tokens) int64 and images (N, 3, H, W) fp32 in [-1, 1], both on CPU.
+    `on_batch(done, total)` reports progress; `precision` is one of `flextok.precision.PRECISIONS`
+    (the generator and the decoder run under it; sampling, FSQ and the Euler state stay fp32).
     """
     conditions = list(conditions)
     if not conditions:
@@ -187,14 +190,15 @@ def sample(
     all_tokens, all_images = [], []
     for start in range(0, len(conditions), batch_size):
         chunk = conditions[start : start + batch_size]
-        tokens = generator.generate(
-            chunk, num_tokens=num_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            cfg_scale=cfg_scale, generator=rng,
-        )
-        images = tokenizer.detokenize(tokens, steps=decoder_steps, guidance_scale=decoder_guidance, apg=decoder_apg,
-                                      generator=rng)
+        with precision_context(precision, tokenizer.device):
+            tokens = generator.generate(
+                chunk, num_tokens=num_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                cfg_scale=cfg_scale, generator=rng,
+            )
+            images = tokenizer.detokenize(tokens, steps=decoder_steps, guidance_scale=decoder_guidance,
+                                          apg=decoder_apg, generator=rng)
         all_tokens.append(tokens.cpu())
-        all_images.append(images.cpu())
+        all_images.append(images.float().cpu())
         if on_batch is not None:
             on_batch(start + len(chunk), len(conditions))
     return torch.cat(all_tokens), torch.cat(all_images)

@@ -237,7 +237,9 @@ class FlexTok(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One training step's losses: {"loss", "flow_mse"} (and nothing that needs a host sync)."""
         c = self.config
-        latents = self.images_to_latents(images)
+        # The flow (time, noise, x_t, target) is formed in fp32 whatever the autocast: a bf16 VAE output
+        # would otherwise round t = 0.9985 to 1.0 inside `add_noise` and quantise the noise and target.
+        latents = self.images_to_latents(images).float()
         B = latents.shape[0]
         codes, _ = self.fsq(self.encoder(latents))
         keep_k = sample_keep_k(
@@ -251,7 +253,7 @@ class FlexTok(nn.Module):
             B, mode=c.time_sampling, uniform_fraction=c.uniform_time_fraction, noise_fraction=c.noise_time_fraction,
             generator=generator, device=latents.device,
         )
-        noise = flow.randn(tuple(latents.shape), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = flow.randn(tuple(latents.shape), generator=generator, device=latents.device)
         velocity = self.decoder(flow.add_noise(latents, noise, t), t, registers)
         loss = flow.flow_loss(velocity, latents, noise)
         return {"loss": loss, "flow_mse": loss.detach()}

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from flextok.precision import PRECISIONS, resolve_precision
 from jobs.cli_util import json_arg, positive_int, run_cli
 from pipelines.images import read_corpus
 
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inception-weights", default=None, metavar="FILE.safetensors",
                    help="reconstruction FID in Inception-v3 space (see `flextok evaluate generator --help`); "
                    "without it, rFID is computed in the --classifier's feature space when one is given")
+    t.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="tokenize/decode precision; pass the tokenize job's --precision to measure the tokens "
+                        "it writes (default %(default)s, the pipeline's default)")
     t.add_argument("--grid-images", type=positive_int, default=8, help="rows of the reconstruction grid (default %(default)s)")
     _common(t)
 
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
     g.add_argument("--decoder-guidance", type=float, default=1.0, help="decoder guidance (default %(default)s)")
     g.add_argument("--decoder-apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
+    g.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                   help="generator and decoder precision; auto = bf16 on CUDA, fp32 on CPU (default %(default)s)")
     g.add_argument("--grid-conditions", type=positive_int, default=10, help="rows of the sample grid (default %(default)s)")
     _common(g)
 
@@ -208,7 +214,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
     result = reconstruction_metrics(
         tokenizer, corpus.images, ks, labels=corpus.labels, classifier=classifier, steps=args.steps,
         guidance_scale=args.guidance, apg=args.apg, batch_size=args.batch_size, seed=args.seed, grid_images=args.grid_images,
-        feature_net=feature_net, progress=log.info,
+        feature_net=feature_net, progress=log.info, precision=args.precision,
     )
     seconds = time.perf_counter() - start
     out: Path = args.out
@@ -218,6 +224,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
         "tokenizer": {**_describe_model(tokenizer), "config": tokenizer.config.to_dict()},
         "data": args.data, "num_images": result.num_images, "skipped_images": corpus.num_errors,
         "steps": args.steps, "guidance": args.guidance, "apg": args.apg, "seed": args.seed,
+        "precision": args.precision,
         "psnr_definition": "mean over images of 10*log10(4/MSE), images in [-1, 1]",
         "mean_image_psnr": result.mean_image_psnr,
         "per_k": result.per_k(),
@@ -302,6 +309,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     device = _device(args.device)
+    precision = resolve_precision(args.precision, device)
     if args.inception_weights is None and args.classifier is None:
         raise ValueError("FID needs a feature network: pass --inception-weights FILE.safetensors or --classifier CKPT")
     gen_path = find_generator_checkpoint(fetch_checkpoint(args.generator, args.storage_options))
@@ -348,7 +356,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
         classifier=classifier, grid_conditions=grid_rows, batch_size=args.batch_size, seed=args.seed,
         progress=log.info, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         cfg_scale=None if args.cfg_scale == 1.0 else args.cfg_scale, decoder_steps=args.decoder_steps,
-        decoder_guidance=args.decoder_guidance, decoder_apg=args.decoder_apg,
+        decoder_guidance=args.decoder_guidance, decoder_apg=args.decoder_apg, precision=precision,
     )
     result.reference_floor_fid = reference_floor_fid(ref_features, n, seed=args.seed)
     real_accuracy = None
@@ -373,7 +381,8 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
         "reference_floor_fid": result.reference_floor_fid,
         "sampling": {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k,
                      "top_p": args.top_p, "decoder_steps": args.decoder_steps,
-                     "decoder_guidance": args.decoder_guidance, "decoder_apg": args.decoder_apg, "seed": args.seed},
+                     "decoder_guidance": args.decoder_guidance, "decoder_apg": args.decoder_apg, "seed": args.seed,
+                     "precision": precision},
         "per_k": result.per_k(),
         "seconds": round(seconds, 1),
     }

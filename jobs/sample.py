@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from flextok.precision import PRECISIONS, resolve_precision
 from jobs.cli_util import json_arg, non_negative_float, positive_int, probability, run_cli
 
 log = logging.getLogger("jobs.sample")
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json_arg, default=None, metavar="JSON",
                    help="fsspec options for an s3:// --generator or --tokenizer (e.g. an endpoint); AWS variables "
                    "are used otherwise")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                   help="generator and decoder precision; auto = bf16 on CUDA, fp32 on CPU (default %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
@@ -172,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.save_tokens is not None and args.save_tokens.suffix.lower() not in (".parquet", ".pq"):
         raise ValueError(f"--save-tokens {args.save_tokens} must be a .parquet file")
     device = _device(args.device)
+    precision = resolve_precision(args.precision, device)
     gen_path = find_generator_checkpoint(fetch_checkpoint(args.generator, args.storage_options))
     metadata = read_metadata(gen_path)
     generator = Generator.from_pretrained(gen_path, device=device)
@@ -209,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         generator, tokenizer, expanded, num_tokens=args.num_tokens, batch_size=args.batch_size,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg,
         decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance, decoder_apg=args.decoder_apg, rng=rng,
-        on_batch=lambda done, total: log.info("sampled %d/%d", done, total),
+        on_batch=lambda done, total: log.info("sampled %d/%d", done, total), precision=precision,
     )
     R = len(conditions)
     grid = images.view(R, per, *images.shape[1:])  # (R, per, 3, H, W)
@@ -228,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = {
             "generator": str(gen_path), "num_tokens": args.num_tokens, "cfg_scale": args.cfg_scale,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+            "precision": precision,
         }
         write_tokens(args.save_tokens, tokens, conditions, is_class=is_class, generator_path=str(gen_path),
                      tokenizer=tokenizer, image_size=tokenizer.config.image_size, settings=settings)

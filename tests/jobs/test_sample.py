@@ -78,6 +78,16 @@ def test_sample_writes_grid_images_and_tokens(checkpoints, tmp_path, capsys):
     meta = table.schema.metadata
     assert meta[b"flextok.checkpoint_sha256"].decode() == file_sha256(checkpoints["tokenizer"])
     assert json.loads(meta[b"flextok.sample"])["seed"] == 7
+    assert json.loads(meta[b"flextok.sample"])["precision"] == "fp32"  # auto on a CPU
+
+
+def test_precision_is_recorded(checkpoints, tmp_path):
+    """What --precision ran is in the tokens' metadata (tests/flextok/test_precision.py checks that
+    it is applied, on the trained shipped models)."""
+    tokens = tmp_path / "t.parquet"
+    assert _run(["--generator", checkpoints["generator"], "--labels", "0", "--num-tokens", 4, "--per-condition", 2,
+                 "--out", tmp_path / "g.png", "--save-tokens", tokens, "--precision", "bf16", *FAST]) == 0
+    assert json.loads(pq.read_table(tokens).schema.metadata[b"flextok.sample"])["precision"] == "bf16"
 
 
 def test_same_seed_same_tokens(checkpoints, tmp_path):
