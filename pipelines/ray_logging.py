@@ -9,7 +9,7 @@ Owns the console side of the Ray a job starts or joins (`quiet_ray`, called by `
   Data's own `RAY_DATA_LOGGING_CONFIG` (`ray_data_logging.yaml` beside this module: Ray's default
   config, console at WARNING), which every process reads when it imports `ray.data`. A user's own
   setting wins.
-- Progress: one line per dataset on a terminal (Ray Data's global bar, no per-operator bars);
+- Progress: one live bar per dataset on a terminal (Ray Data's global bar, no per-operator bars);
   nothing on the console otherwise, where the job prints its summary.
 - Known-harmless warnings, each matched by the start of its message, warnings only (never errors):
   Ray Data's advice that progress bars are off or an operator name was shortened; Ray's note that
@@ -151,12 +151,16 @@ def quiet_ray(*, local: bool) -> dict:
     return kwargs
 
 
-def configure_progress() -> None:
-    """Ray Data progress for this driver's datasets: one bar per dataset on a terminal (Ray Data
-    picks tqdm there); off a terminal Ray Data logs a progress block at INFO every 10 s, which the
-    console handler leaves to the log file."""
+def configure_progress(*, interactive: bool | None = None) -> None:
+    """Ray Data progress for this driver's datasets. On a terminal: Ray Data's live bar, one per
+    dataset (its "rich" display: Ray 2.60's default tqdm_ray bar draws nothing when the driver's
+    stdout is a terminal, checked under `script`). Off a terminal Ray Data logs a progress block at
+    INFO every 10 s, which the console handler leaves to the log file."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = False
     ctx.enable_progress_bar_name_truncation = False
+    if sys.stdout.isatty() if interactive is None else interactive:
+        ctx.enable_rich_progress_bars = True
+        ctx.use_ray_tqdm = False

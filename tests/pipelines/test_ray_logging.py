@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given
@@ -123,3 +124,27 @@ def test_a_transient_warning_keeps_its_line_and_loses_its_traceback():
     assert f.filter(warn) and warn.exc_info is None
     assert "Traceback" not in logging.Formatter().format(warn)
     assert f.filter(error) and error.exc_info is not None  # an error keeps its traceback
+
+
+@pytest.mark.parametrize("interactive", [True, False])
+def test_progress_is_one_live_bar_on_a_terminal_and_left_to_the_log_file_otherwise(interactive):
+    from ray.data import DataContext
+    from ray.data._internal.progress import get_progress_manager
+
+    ctx = DataContext.get_current()
+    fields = ("enable_operator_progress_bars", "enable_rich_progress_bars", "use_ray_tqdm",
+              "enable_progress_bar_name_truncation", "enable_progress_bars")
+    before = {f: getattr(ctx, f) for f in fields}
+    try:
+        ray_logging.configure_progress(interactive=interactive)
+        assert ctx.enable_operator_progress_bars is False and ctx.enable_progress_bars is True
+        assert (ctx.enable_rich_progress_bars, ctx.use_ray_tqdm) == ((True, False) if interactive else
+                                                                      (before["enable_rich_progress_bars"],
+                                                                       before["use_ray_tqdm"]))
+        if interactive:  # what Ray Data builds from these settings when stdout is a terminal
+            with mock.patch.object(sys.stdout, "isatty", return_value=True):
+                manager = get_progress_manager(ctx, "ds", {}, False)
+            assert type(manager).__name__ == "RichExecutionProgressManager"
+    finally:
+        for f, v in before.items():
+            setattr(ctx, f, v)
