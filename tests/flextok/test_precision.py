@@ -118,3 +118,34 @@ def test_sampling_and_reconstruction_run_at_the_asked_precision(tmp_path):
     x = out["fp32"]
     psnr = {p: reconstruction_metrics(tok, x, [1, 4], steps=1, precision=p, grid_images=0).psnr for p in ("fp32", "bf16")}
     assert psnr["fp32"] != psnr["bf16"]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_what_eager_blocks_compute():
+    """torch.compile of the blocks (split-attention encoder, adaLN decoder, KV-cached GPT) gives the
+    eager results to fp32 tolerance; state-dict names are unchanged (no `_orig_mod.`)."""
+    from flextok.compile import compile_available, compile_blocks
+    from flextok.gpt import GPTConfig
+
+    assert compile_available()  # CI machines have a C++ compiler: a broken compile must fail here
+    torch.manual_seed(0)
+    tok = FlexTok.from_preset("tiny", encoder_depth=1, decoder_depth=1, encoder_dim=32, decoder_dim=32).eval()
+    with torch.no_grad():
+        for block in tok.decoder.blocks:  # adaLN-zero would make the decoder blocks the identity
+            block.adaLN_modulation[1].weight.normal_(0, 0.1)
+    gen = Generator(GPTConfig.from_preset("tiny", depth=1, dim=64, num_heads=2)).eval()
+    names = (list(tok.state_dict()), list(gen.state_dict()))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        codes, ids = tok.encode(x)
+        regs = tok.decoder.embed_registers(codes, torch.tensor([3, 32]))
+        eager = (tok.encoder(x), tok.decoder(x, t, regs),
+                 gen.generate(torch.tensor([1, 2]), num_tokens=6, temperature=0))
+        assert compile_blocks(tok) == 2 and compile_blocks(gen) == 1
+        compiled = (tok.encoder(x), tok.decoder(x, t, regs),
+                    gen.generate(torch.tensor([1, 2]), num_tokens=6, temperature=0))
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(compiled[2], eager[2])
+    assert (list(tok.state_dict()), list(gen.state_dict())) == names
