@@ -48,7 +48,7 @@ class Shard:
 
     `id` is stable and file-name safe; output files and sample keys derive from it. For image
     folders a shard is a run of `files`, with `keys` and `labels` per file. `fingerprint` changes when
-    the shard's content (size or membership) changes, so that a re-run redoes it.
+    the shard's content (a file's size and ETag or mtime, or membership) changes, so that a re-run redoes it.
     """
 
     id: str
@@ -148,7 +148,16 @@ def _fingerprint(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _file_shards(fs: Any, entries: list[tuple[str, int | None]], fmt: str) -> list[Shard]:
+def _version(info: Mapping[str, Any]) -> tuple:
+    """What changes when a file's content changes: its size with its ETag (object stores) or its
+    modification time (local and network filesystems). An in-place edit of the same size keeps the
+    size but not the mtime or the ETag (a content hash on S3), so its shard is redone."""
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get(
+        "last_modified") or info.get("updated")
+    return (info.get("size"), str(stamp) if stamp is not None else None)
+
+
+def _file_shards(fs: Any, entries: list[tuple[str, tuple | None]], fmt: str) -> list[Shard]:
     """Tar or Parquet files -> shards with ids from their paths relative to the common folder."""
     paths = [_without_query(p) for p, _ in entries]
     root = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if len(paths) > 1 else (
@@ -161,13 +170,14 @@ def _file_shards(fs: Any, entries: list[tuple[str, int | None]], fmt: str) -> li
         seen[i] = seen.get(i, 0) + 1
     ids = [i if seen[i] == 1 else f"{i}-{_fingerprint(r)[:8]}" for i, r in zip(ids, rels)]
     return [
-        Shard(id=i, url=fs.unstrip_protocol(p), format=fmt, fingerprint=_fingerprint(fs.unstrip_protocol(p), size))
-        for i, (p, size) in zip(ids, entries)
+        Shard(id=i, url=fs.unstrip_protocol(p), format=fmt,
+              fingerprint=_fingerprint(redact_url(fs.unstrip_protocol(p)), version))
+        for i, (p, version) in zip(ids, entries)
     ]
 
 
 def _image_shards(
-    fs: Any, root: str, entries: list[tuple[str, int | None]], files_per_shard: int
+    fs: Any, root: str, entries: list[tuple[str, tuple | None]], files_per_shard: int
 ) -> tuple[list[Shard], tuple[str, ...]]:
     """Image files under `root` -> shards of `files_per_shard`; class sub-folders -> labels."""
     rels = [posixpath.relpath(p, root) for p, _ in entries]
@@ -183,7 +193,7 @@ def _image_shards(
                 id=f"images-{n:06d}",
                 url=fs.unstrip_protocol(root),
                 format="images",
-                fingerprint=_fingerprint([(r, size) for r, (_, size) in chunk]),
+                fingerprint=_fingerprint([(r, version) for r, (_, version) in chunk]),
                 files=files,
                 keys=tuple(r for r, _ in chunk),
                 labels=labels,
@@ -203,7 +213,7 @@ def resolve_inputs(
     if files_per_shard < 1:
         raise ValueError("files_per_shard must be >= 1")
     patterns = expand_braces(url)
-    entries: list[tuple[str, int | None]] = []
+    entries: list[tuple[str, tuple | None]] = []  # (path, version)
     fs = None
     image_root: str | None = None
     for pattern in patterns:
@@ -216,14 +226,14 @@ def resolve_inputs(
             for p, info in sorted(found.items()):
                 rel = posixpath.relpath(p, image_root)
                 if info.get("type", "file") == "file" and not _is_hidden(rel) and _format_of(p):
-                    entries.append((p, info.get("size")))
+                    entries.append((p, _version(info)))
         elif any(ch in _without_query(path) for ch in "*?["):
             found = fs.glob(path, detail=True)
             for p, info in sorted(found.items()):
                 if info.get("type", "file") == "file" and _format_of(p):
-                    entries.append((p, info.get("size")))
+                    entries.append((p, _version(info)))
         elif fs.exists(path):
-            entries.append((path, fs.size(path)))
+            entries.append((path, _version(fs.info(path))))
         elif len(patterns) > 1:
             entries.append((path, None))  # reported as a missing shard by its reader
         else:

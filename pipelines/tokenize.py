@@ -24,6 +24,7 @@ from pipelines import writer
 from pipelines.cluster import ensure_ray
 from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_batch
 from pipelines.encode import TokenizeBatch
+from pipelines.lease import Lease
 from pipelines.model import TokenizerInfo, inspect_model, model_identity, resolve_model_spec
 from pipelines.report import build_manifest, summary_text
 from pipelines.schema import SCHEMA_VERSION, file_metadata
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # Settings the stored tokens depend on; a re-run on the same DST must not change them.
 TOKEN_SETTINGS = ("schema_version", "checkpoint_id", "checkpoint_sha256", "max_tokens", "image_size",
                   "max_pixels", "min_side", "files_per_shard")
+# Those of them that come straight from the job config (checked before the model is even opened).
+_CFG_TOKEN_SETTINGS = ("max_pixels", "min_side", "files_per_shard")
 
 
 class IncompleteRunError(RuntimeError):
@@ -193,13 +196,11 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
     markers = writer.load_markers(store)
     done = {s.id for s in plan.shards if markers.get(s.id, {}).get("fingerprint") == s.fingerprint}
     pending = [s for s in plan.shards if s.id not in done]
-    stale = sorted(set(markers) - {s.id for s in plan.shards})
-    if stale:
-        log.warning("%d finished shards in %s are not in the input any more (kept): %s",
-                    len(stale), redact_url(cfg.output), ", ".join(stale[:5]))
-    if not pending and store.exists(writer.MANIFEST) and store.exists(writer.RUN_FILE):
+    vanished = writer.vanished_shards(store, {s.id for s in plan.shards}, markers)
+    if not pending and not vanished and store.exists(writer.MANIFEST) and store.exists(writer.RUN_FILE):
         before = store.read_json(writer.RUN_FILE)
-        if _same_model(before, *model_identity(spec)) and cfg.max_tokens in (None, before.get("max_tokens")):
+        same = _same_model(before, *model_identity(spec)) and cfg.max_tokens in (None, before.get("max_tokens"))
+        if same and all(before.get(k) == getattr(cfg, k) for k in _CFG_TOKEN_SETTINGS):
             log.info("nothing to do: %s is complete (%d shards)", redact_url(cfg.output), len(plan.shards))
             return TokenizeResult(cfg.output, store.read_json(writer.MANIFEST), nothing_to_do=True)
 
@@ -209,6 +210,27 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
         raise ValueError(f"--max-tokens {max_tokens} exceeds the model's {info.num_registers} tokens")
     settings = _token_settings(info, cfg, max_tokens, plan)
     _check_settings(store, settings)
+    with Lease(store):
+        return _run_locked(cfg, plan, store, spec, info, max_tokens, settings, encoder_cls, opts_in, opts_out,
+                           started, wall_start)
+
+
+def _run_locked(
+    cfg: TokenizeConfig, plan: InputPlan, store: OutputStore, spec: str, info: TokenizerInfo, max_tokens: int,
+    settings: dict, encoder_cls: type, opts_in: dict, opts_out: dict, started: str, wall_start: float,
+) -> TokenizeResult:
+    """Everything that writes to DST, under its lease (markers are read again: they may have moved on)."""
+    store.invalidate()
+    markers = writer.load_markers(store)
+    done = {s.id for s in plan.shards if markers.get(s.id, {}).get("fingerprint") == s.fingerprint}
+    pending = [s for s in plan.shards if s.id not in done]
+    vanished = writer.vanished_shards(store, {s.id for s in plan.shards}, markers)
+    if vanished:  # their rows would stay beside the new ones: duplicates, or samples no longer in the input
+        log.warning("removing the output of %d shards no longer in the input: %s", len(vanished),
+                    ", ".join(vanished[:5]))
+        for sid in vanished:
+            writer.clear_unfinished(store, sid)
+            markers.pop(sid, None)
     started_ray = ensure_ray()
 
     skip: dict[str, set[int]] = {}

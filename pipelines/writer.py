@@ -90,6 +90,31 @@ class OutputStore:
         else:
             self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
 
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write `rel` only if it does not exist (atomically where the storage can); True if written."""
+        path = self.path(rel)
+        try:
+            if self.is_local:  # whole content under a temporary name, then a link that fails if taken
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                try:
+                    os.link(tmp, path)
+                finally:
+                    os.unlink(tmp)
+                return True
+            protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+            if "s3" in protocols:
+                self.fs.pipe_file(path, data, mode="create")  # a conditional PUT (If-None-Match: *)
+                return True
+        except FileExistsError:
+            return False
+        if self.fs.exists(path):  # other stores: check then write, not atomic
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -244,6 +269,16 @@ def clear_unfinished(store: OutputStore, shard_id: str) -> None:
     store.rm(part_name(shard_id))
     store.rm(f"{ERRORS_DIR}/{part_name(shard_id)}")
     store.rm(f"{DONE_DIR}/{shard_id}.json")
+
+
+def vanished_shards(store: OutputStore, shard_ids: set[str], markers: Mapping[str, Any]) -> list[str]:
+    """Shards with output in DST (a marker or a part file) that the input no longer has."""
+    found = set(markers)
+    for folder in ("", ERRORS_DIR):
+        for name in store.listdir(folder):
+            if name.startswith("part-") and name.endswith(".parquet"):
+                found.add(name[len("part-") : -len(".parquet")])
+    return sorted(found - shard_ids)
 
 
 # Totals -------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -105,6 +106,10 @@ def test_rerun_with_other_settings_is_refused(bad_run):
         run_tokenize(other)
     with pytest.raises(ValueError, match="checkpoint"):
         run_tokenize(TokenizeConfig(input=cfg.input, output=cfg.output, model="tiny"))
+    # Every setting the tokens depend on, not only the model's: a finished output is not "nothing to do".
+    for name, value in (("max_pixels", 10_000), ("min_side", 2), ("files_per_shard", 7)):
+        with pytest.raises(ValueError, match=f"holds tokens made with {name}="):
+            run_tokenize(dataclasses.replace(cfg, **{name: value}))
 
 
 def test_output_inside_the_input_folder_is_refused(bad_corpus):

@@ -1,6 +1,8 @@
 """The driver's pure parts: sizing the actor pool, exactly-once bookkeeping, the summary."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.tokenize import ShardTracker, TokenizeConfig, plan_actors, summary_text
 
@@ -44,6 +46,38 @@ def test_tracker_completes_each_shard_once_despite_duplicates():
     assert not t.update({"shard": "a", "indices": [3], "total": -1})  # late duplicate: not twice
     assert t.update({"shard": "b", "indices": [], "total": 0})  # an empty shard
     assert t.completed == ["a", "b"] and t.unfinished() == [] and t.processed == 3
+
+
+@st.composite
+def write_records(draw):
+    """Write-stage records of a few shards, as Ray may deliver them: split into pieces in any way, the
+    end marker in any piece, pieces retried (duplicated) and delivered in any order."""
+    records, totals = [], {}
+    for sid in ("a", "b", "c")[: draw(st.integers(1, 3))]:
+        total = draw(st.integers(0, 8))
+        totals[sid] = total
+        indices = draw(st.permutations(range(total)))
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, total - 1)), max_size=3))) if total > 1 else []
+        pieces = [list(indices[i:j]) for i, j in zip([0, *cuts], [*cuts, total])] or [[]]
+        end = draw(st.integers(0, len(pieces) - 1))
+        records += [{"shard": sid, "indices": p, "total": total if n == end else -1} for n, p in enumerate(pieces)]
+    duplicates = draw(st.lists(st.sampled_from(records), max_size=6))
+    return draw(st.permutations(records + duplicates)), totals
+
+
+@settings(max_examples=300, deadline=None)
+@given(write_records())
+def test_tracker_completes_every_shard_exactly_once_in_any_delivery(case):
+    records, totals = case
+    tracker = ShardTracker({sid: set() for sid in totals})
+    completions = []
+    for n, record in enumerate(records):
+        if tracker.update(record):
+            completions.append(record["shard"])
+            seen = {i for r in records[: n + 1] if r["shard"] == record["shard"] for i in r["indices"]}
+            assert seen == set(range(totals[record["shard"]])), "completed before every index was staged"
+    assert sorted(completions) == sorted(totals)  # each shard once: a late duplicate never completes it again
+    assert tracker.unfinished() == [] and tracker.processed == sum(totals.values())
 
 
 def test_tracker_reports_unfinished_shards():
