@@ -74,6 +74,10 @@ def summary_text(manifest: dict[str, Any], *, nothing_to_do: bool = False) -> st
                  f"{manifest['settings']['max_tokens']}, codebook {model['codebook_size']}")
     lines.append(f"  inputs   {c['inputs']:,} samples in {manifest['inputs']['num_shards']} shards "
                  f"({manifest['inputs']['format']}) from {manifest['inputs']['url']}")
+    skipped = manifest["inputs"].get("skipped_files") or {}
+    if skipped:
+        lines.append(f"  skipped  {sum(skipped.values()):,} files not read: "
+                     + "; ".join(f"{n:,} {reason}" for reason, n in skipped.items()))
     lines.append(f"  rows     {c['rows']:,}")
     lines.append(f"  errors   {c['errors']:,}")
     for kind, n in c["errors_by_kind"].items():

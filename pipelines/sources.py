@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import re
 import tarfile
@@ -38,6 +39,11 @@ LABEL_FIELDS = ("label", "labels", "cls", "class")
 CAPTION_FIELDS = ("caption", "text", "txt")
 KEY_FIELDS = ("key", "__key__", "id")
 FORMATS = ("webdataset", "parquet", "images")
+# Untrusted inputs: no sample's encoded bytes (a tar member, a Parquet cell, an image file) may exceed
+# this; larger ones are error rows, skipped without being read into memory where the format allows.
+MAX_SAMPLE_BYTES = 256 << 20
+# Class ids are embedding rows in training: a negative id or one in the billions is a broken label.
+MAX_LABEL = 1_000_000
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ class InputPlan:
     format: str
     shards: tuple[Shard, ...]
     class_names: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, int], ...] = ()  # (reason, number of files) found but not read
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -86,6 +93,7 @@ class InputPlan:
             "format": self.format,
             "num_shards": len(self.shards),
             "class_names": list(self.class_names),
+            "skipped_files": dict(self.skipped),
         }
 
 
@@ -132,8 +140,33 @@ def _format_of(path: str) -> str | None:
     return None
 
 
-def _is_hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+def _skip_reason(rel: str) -> str | None:
+    """Why a file found under an input folder is not read, or None. Dot-names are hidden; `_` folders
+    are bookkeeping (`_errors`, `_temporary`); a `_` file is read only as an image (`_MG_0001.jpg`)."""
+    parts = rel.split("/")
+    if any(part.startswith(".") for part in parts):
+        return "hidden (name starts with '.')"
+    if any(part.startswith("_") for part in parts[:-1]):
+        return "in a folder whose name starts with '_'"
+    if parts[-1] == "dataset.json":  # the class names `flextok corpus` writes beside its shards
+        return None
+    if parts[-1].startswith("_") and _format_of(rel) != "images":
+        return "name starts with '_'"
+    if _format_of(rel) is None:
+        return f"unsupported format ({_ext(rel) or 'no extension'})"
+    return None
+
+
+def _follow_link(path: str, info: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """A local symlink found in a folder: a link to a file is read as that file; others are skipped."""
+    if not info.get("islink"):
+        return (info, None) if info.get("type", "file") == "file" else (None, None)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return {**info, "type": "file", "size": st.st_size, "mtime": st.st_mtime}, None
+    if os.path.isdir(path):
+        return None, "symlinked folder (not followed)"
+    return None, "broken symlink"
 
 
 def _safe_id(rel: str) -> str:
@@ -214,6 +247,7 @@ def resolve_inputs(
         raise ValueError("files_per_shard must be >= 1")
     patterns = expand_braces(url)
     entries: list[tuple[str, tuple | None]] = []  # (path, version)
+    skipped: dict[str, int] = {}
     fs = None
     image_root: str | None = None
     for pattern in patterns:
@@ -221,11 +255,15 @@ def resolve_inputs(
         if fs.isdir(path):
             if len(patterns) > 1:
                 raise ValueError(f"{redact_url(pattern)} is a folder; a brace pattern must name files")
-            found = fs.find(path, detail=True)
+            found = fs.find(path, detail=True, withdirs=True)
             image_root = path.rstrip("/")
             for p, info in sorted(found.items()):
                 rel = posixpath.relpath(p, image_root)
-                if info.get("type", "file") == "file" and not _is_hidden(rel) and _format_of(p):
+                info, reason = _follow_link(p, info)
+                reason = reason or (_skip_reason(rel) if info is not None else None)
+                if reason:
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                elif info is not None and _format_of(p):
                     entries.append((p, _version(info)))
         elif any(ch in _without_query(path) for ch in "*?["):
             found = fs.glob(path, detail=True)
@@ -249,17 +287,22 @@ def resolve_inputs(
             break
     if len(formats - {None}) > 1 and image_root is None:
         raise ValueError(f"{redact_url(url)} mixes input formats {sorted(f for f in formats if f)}; name one")
-    ignored = sum(1 for p, _ in entries if _format_of(p) != chosen)
-    if ignored:
-        log.warning("%s: reading its %s files, ignoring %d files of other formats", redact_url(url), chosen, ignored)
+    for p, _ in entries:
+        if _format_of(p) != chosen:
+            reason = f"{_format_of(p)} file beside {chosen} input"
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if skipped:
+        log.warning("%s: %d files not read: %s", redact_url(url), sum(skipped.values()),
+                    "; ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
+    skipped_items = tuple(sorted(skipped.items()))
     entries = [(p, s) for p, s in entries if _format_of(p) == chosen]
     if chosen == "images":
         root = image_root or posixpath.commonpath([posixpath.dirname(p) for p, _ in entries])
         shards, class_names = _image_shards(fs, root, entries, files_per_shard)
-        return InputPlan(url=url, format=chosen, shards=tuple(shards), class_names=class_names)
+        return InputPlan(url=url, format=chosen, shards=tuple(shards), class_names=class_names, skipped=skipped_items)
     folder = posixpath.dirname(entries[0][0])
     return InputPlan(url=url, format=chosen, shards=tuple(_file_shards(fs, entries, chosen)),
-                     class_names=_dataset_json_class_names(fs, folder))
+                     class_names=_dataset_json_class_names(fs, folder), skipped=skipped_items)
 
 
 def _dataset_json_class_names(fs, folder: str) -> tuple[str, ...]:
@@ -302,10 +345,11 @@ def _split_wds_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _parse_int(text: str | bytes) -> int:
+def _parse_label(text: str | bytes) -> int:
+    """A class id: an integer in [0, MAX_LABEL); anything else is the sample's error row."""
     value = int(text.decode() if isinstance(text, bytes) else text)
-    if not -(2**31) <= value < 2**31:
-        raise ValueError(f"label {value} out of int32 range")
+    if not 0 <= value < MAX_LABEL:
+        raise ValueError(f"label {value} is outside 0..{MAX_LABEL - 1}")
     return value
 
 
@@ -319,7 +363,7 @@ def _wds_sample(shard: Shard, key: str, members: dict[str, bytes]) -> dict[str, 
     row["image"] = members[image_ext]
     try:
         if "cls" in members:
-            row["label"] = _parse_int(members["cls"].strip())
+            row["label"] = _parse_label(members["cls"].strip())
         if "txt" in members:
             row["caption"] = members["txt"].decode("utf-8", errors="replace").strip()
         if "json" in members:
@@ -327,7 +371,7 @@ def _wds_sample(shard: Shard, key: str, members: dict[str, bytes]) -> dict[str, 
             if isinstance(meta, dict):
                 if row.get("label") is None:
                     label = next((meta[f] for f in LABEL_FIELDS if isinstance(meta.get(f), int)), None)
-                    row["label"] = None if label is None else _parse_int(str(label))
+                    row["label"] = None if label is None else _parse_label(str(label))
                 if row.get("caption") is None:
                     row["caption"] = next((meta[f] for f in CAPTION_FIELDS if isinstance(meta.get(f), str)), None)
     except (ValueError, UnicodeDecodeError) as e:
@@ -335,13 +379,21 @@ def _wds_sample(shard: Shard, key: str, members: dict[str, bytes]) -> dict[str, 
     return row
 
 
+class TruncatedShardError(ValueError):
+    """A tar shard without its end-of-archive blocks: a writer was killed, samples may be missing."""
+
+
 def _read_webdataset(shard: Shard, fs: Any, path: str) -> Iterator[dict[str, Any]]:
-    """Samples of a tar shard in member order; raises OSError/tarfile errors for a broken tar."""
+    """Samples of a tar shard in member order; raises OSError/tarfile errors for a broken tar and
+    TruncatedShardError for one that ends without its end-of-archive marker (even on a 512-byte
+    boundary, where tarfile itself sees a clean end)."""
     seen: set[str] = set()
     key: str | None = None
     members: dict[str, bytes] = {}
+    too_large: str | None = None
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for info in tar:
+            tar.members.clear()  # stream mode keeps every header otherwise: memory would grow with the shard
             if not info.isfile():
                 continue
             parsed = _split_wds_name(info.name)
@@ -350,13 +402,28 @@ def _read_webdataset(shard: Shard, fs: Any, path: str) -> Iterator[dict[str, Any
             k, ext = parsed
             if k != key:
                 if key is not None:
-                    yield _duplicate(shard, key) if key in seen else _wds_sample(shard, key, members)
+                    yield _wds_finish(shard, key, members, seen, too_large)
                     seen.add(key)
-                key, members = k, {}
+                key, members, too_large = k, {}, None
+            if info.size > MAX_SAMPLE_BYTES:  # not read: the next header skips it without buffering
+                too_large = f"member {info.name} has {info.size:,} bytes (limit {MAX_SAMPLE_BYTES:,})"
+                continue
             data = tar.extractfile(info)
             members[ext] = data.read() if data is not None else b""
         if key is not None:
-            yield _duplicate(shard, key) if key in seen else _wds_sample(shard, key, members)
+            yield _wds_finish(shard, key, members, seen, too_large)
+        # A clean end reads one all-zero 512-byte block past the last member; a cut file reads nothing.
+        if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+            raise TruncatedShardError("no end-of-archive marker: the tar was cut short")
+
+
+def _wds_finish(shard: Shard, key: str, members: dict[str, bytes], seen: set[str], too_large: str | None):
+    if key in seen:
+        return _duplicate(shard, key)
+    if too_large is not None:
+        return {"shard": shard.id, "key": f"{shard.id}/{key}", "source": shard.source, "total": -1,
+                "error": error_message("sample too large", too_large), "stage": "read"}
+    return _wds_sample(shard, key, members)
 
 
 def _duplicate(shard: Shard, key: str) -> dict[str, Any]:
@@ -379,6 +446,11 @@ def _read_parquet(shard: Shard, fs: Any, path: str, rows_per_batch: int) -> Iter
         image_col = _first_present(names, PARQUET_IMAGE_COLUMNS)
         if image_col is None:
             raise ValueError(f"no image column (looked for {', '.join(PARQUET_IMAGE_COLUMNS)})")
+        image_type = pf.schema_arrow.field(image_col).type
+        if pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0:
+            image_type = image_type.field("bytes").type
+        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+            raise ValueError(f"column {image_col!r} holds {image_type}, not image bytes (binary)")
         label_col = _first_present(names, LABEL_FIELDS)
         caption_col = _first_present(names, CAPTION_FIELDS)
         key_col = _first_present(names, KEY_FIELDS)
@@ -405,11 +477,14 @@ def _read_parquet(shard: Shard, fs: Any, path: str, rows_per_batch: int) -> Iter
                     "image": image, "caption": caption if isinstance(caption, str) else None,
                 }
                 try:
-                    row["label"] = None if label is None else _parse_int(str(label))
+                    row["label"] = None if label is None else _parse_label(str(label))
                 except ValueError as e:
                     row.update(image=None, error=error_message("bad metadata", str(e)), stage="read")
                 if image is None and "error" not in row:
                     row.update(error=error_message("empty image", "null image bytes"), stage="read")
+                elif image is not None and len(image) > MAX_SAMPLE_BYTES:
+                    row.update(image=None, error=error_message(
+                        "sample too large", f"{len(image):,} bytes (limit {MAX_SAMPLE_BYTES:,})"), stage="read")
                 yield row
 
 
@@ -420,7 +495,12 @@ def _read_images(shard: Shard, fs: Any, skip: frozenset[int]) -> Iterator[dict[s
             yield row  # placeholder, dropped by the caller
             continue
         try:
-            row["image"] = fs.cat_file(fs._strip_protocol(url))
+            data = fs.cat_file(fs._strip_protocol(url), start=0, end=MAX_SAMPLE_BYTES + 1)  # one bounded read
+            if len(data) > MAX_SAMPLE_BYTES:
+                row.update(label=None, stage="read", error=error_message(
+                    "sample too large", f"more than {MAX_SAMPLE_BYTES:,} bytes"))
+            else:
+                row["image"] = data
         except FileNotFoundError:
             row.update(label=None, error=error_message("missing file", redact_url(url)), stage="read")
         except Exception as e:  # any storage error stays with its file
@@ -465,6 +545,10 @@ def read_shard(
     except FileNotFoundError:
         if index not in skip:
             tail.append(_shard_error(shard, index, "missing shard", f"{redact_url(shard.url)} does not exist"))
+        index += 1
+    except TruncatedShardError as e:
+        if index not in skip:
+            tail.append(_shard_error(shard, index, "truncated shard", f"{e} (after {index} samples)"))
         index += 1
     except Exception as e:  # a broken shard: report the rest of it as one error row
         if index not in skip:

@@ -136,11 +136,20 @@ class TokenizeResult:
 
 
 def _check_layout(plan: InputPlan, store: OutputStore) -> None:
-    """The output must not lie inside an input folder (a re-run would read its own output)."""
+    """The output must not lie inside an input folder, nor an input inside the output (a re-run would
+    read its own output). Local paths are compared where they resolve, through any symlink."""
     out = store.fs.unstrip_protocol(store.root).rstrip("/") + "/"
     roots = {s.url if s.format == "images" else s.url.rsplit("/", 1)[0] for s in plan.shards}
-    if any(out.startswith(root.rstrip("/") + "/") for root in roots):
-        raise ValueError(f"--output {redact_url(store.url)} lies inside the input folder; choose another folder")
+    inside = any(out.startswith(root.rstrip("/") + "/") for root in roots)
+    if not inside and store.is_local and all(s.url.startswith("file://") or "://" not in s.url for s in plan.shards):
+        real_out = os.path.realpath(store.root).rstrip(os.sep) + os.sep
+        local_roots = {os.path.realpath(store.fs._strip_protocol(r)) for r in roots}
+        inputs = {os.path.realpath(store.fs._strip_protocol(u)) for s in plan.shards for u in (s.files or (s.url,))}
+        inside = any(real_out.startswith(r.rstrip(os.sep) + os.sep) for r in local_roots) or any(
+            p.startswith(real_out) for p in inputs)
+    if inside:
+        raise ValueError(f"--output {redact_url(store.url)} lies inside the input folder, or an input inside "
+                         "it (through a symlink); choose another folder")
 
 
 def _token_settings(info: TokenizerInfo, cfg: TokenizeConfig, max_tokens: int, plan: InputPlan) -> dict:

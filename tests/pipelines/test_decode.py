@@ -127,3 +127,33 @@ def test_decode_batch_passes_errors_and_end_markers_through():
     assert out.column("stage").to_pylist() == ["read", None]
     assert out.column("pixels").to_pylist() == [None, None]
     assert out.column("total").to_pylist() == [-1, 1]
+
+
+def _with_claimed_size(fmt: str, side: int) -> bytes:
+    """A real 16x16 image whose header claims side x side (nothing beyond the header is changed)."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format=fmt)
+    data = bytearray(buf.getvalue())
+    if fmt == "JPEG":  # SOF0: marker, length (2), precision (1), height (2), width (2)
+        at = data.index(b"\xff\xc0") + 5
+        data[at : at + 4] = struct.pack(">HH", side, side)
+    elif fmt == "GIF":  # logical screen width, height (little-endian) after the 6-byte signature
+        data[6:10] = struct.pack("<HH", side, side)
+    else:  # WEBP lossy: the VP8 key frame's 14-bit width and height
+        assert data[12:16] == b"VP8 "
+        data[26:30] = struct.pack("<HH", side, side)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "GIF", "WEBP"])
+def test_header_size_limits_for_jpeg_gif_webp(fmt):
+    # 12,000^2 = 1.44e8: above our 1e8 limit, below Pillow's own bomb limit (~1.79e8), so ours decides.
+    with pytest.raises(DecodeError, match="image too large: 12000x12000 exceeds 100000000 pixels"):
+        decode_image(_with_claimed_size(fmt, 12000), DecodeConfig(image_size=32))
+    with pytest.raises(DecodeError, match="image too large"):  # ~1e9 pixels: refused from the header
+        decode_image(_with_claimed_size(fmt, 16000 if fmt == "WEBP" else 40000), DecodeConfig(image_size=32))
+    pixels, width, height = decode_image(_with_claimed_size(fmt, 16), DecodeConfig(image_size=32))
+    assert (width, height) == (16, 16) and pixels.shape == (32, 32, 3)
