@@ -169,12 +169,26 @@ def export_checkpoint(
     return save_checkpoint(dst, state, kind=metadata.get("kind", ""), config=json.loads(metadata["config"]), extra=kept)
 
 
+def check_finite(state: dict[str, torch.Tensor], path: Any = "") -> None:
+    """Refuse weights holding NaN or infinity (a diverged or corrupted run) before they make NaN tokens."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite weights (first: {bad[0]}); "
+                              "the checkpoint is corrupt or its training diverged")
+
+
 def config_from_metadata(metadata: dict[str, str], *, kind: str, path: Any = "") -> dict[str, Any]:
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (no config in its metadata)")
     if metadata.get("kind") != kind:
         raise CheckpointError(f"{path}: holds a {metadata.get('kind')!r}, expected a {kind!r}")
-    return json.loads(metadata["config"])
+    try:
+        config = json.loads(metadata["config"])
+    except ValueError:
+        raise CheckpointError(f"{path}: its config metadata is not JSON") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its config metadata is not a JSON object")
+    return config
 
 
 def same_tokens_shas(path: str | os.PathLike) -> set[str]:

@@ -15,6 +15,30 @@ from typing import Any
 
 NESTED_DROPOUT_MODES = ("uniform", "pow2")
 TIME_SAMPLING_MODES = ("logit_normal", "uniform")
+# Sizes no real model reaches (the paper's largest: depth 28, width 1792, 256 registers, 256 px): a
+# config outside them comes from a broken or hostile checkpoint, refused before any module is built.
+DEPTH_LIMIT, WIDTH_LIMIT, TOKENS_LIMIT, IMAGE_LIMIT = 512, 32_768, 8_192, 16_384
+
+
+def check_int_fields(obj: Any, bounds: dict[str, tuple[int, int]], optional: tuple[str, ...] = ()) -> None:
+    """Each named field of a config is a true int in [lo, hi] (configs arrive as JSON from files);
+    those in `optional` may also be None."""
+    for name, (lo, hi) in bounds.items():
+        value = getattr(obj, name)
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{type(obj).__name__}.{name} must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"{type(obj).__name__}.{name}={value} is outside {lo}..{hi}")
+
+
+def check_float_fields(obj: Any, names: tuple[str, ...]) -> None:
+    """Each named field is a finite real number (not a string, bool or NaN)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{type(obj).__name__}.{name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +48,10 @@ class FSQConfig:
     levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.levels, (list, tuple)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 2 <= x <= 1024 for x in self.levels
+        ) or len(self.levels) > 16:
+            raise ValueError(f"FSQConfig.levels must be at most 16 integers in 2..1024, got {self.levels!r}")
         object.__setattr__(self, "levels", tuple(int(x) for x in self.levels))
         if not self.levels:
             raise ValueError("FSQConfig.levels must not be empty")
@@ -60,6 +88,14 @@ class VAEConfig:
     path: str | None = None
 
     def __post_init__(self) -> None:
+        check_int_fields(self, {"latent_channels": (1, 1024), "downsample": (1, 256), "layers_per_block": (1, 64),
+                                "norm_num_groups": (1, 1024)})
+        check_float_fields(self, ("scaling_factor",))
+        if not isinstance(self.block_out_channels, (list, tuple)) or not 1 <= len(self.block_out_channels) <= 8 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= WIDTH_LIMIT for c in self.block_out_channels
+        ):
+            raise ValueError(f"VAEConfig.block_out_channels must be 1..8 widths in 1..{WIDTH_LIMIT}, "
+                             f"got {self.block_out_channels!r}")
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         if self.downsample != 2 ** (len(self.block_out_channels) - 1):
             raise ValueError(
@@ -107,6 +143,16 @@ class FlexTokConfig:
             object.__setattr__(self, "fsq", FSQConfig(**fsq))
         if isinstance(vae, dict):
             object.__setattr__(self, "vae", VAEConfig(**vae))
+        if not isinstance(self.fsq, FSQConfig) or not (self.vae is None or isinstance(self.vae, VAEConfig)):
+            raise ValueError("FlexTokConfig.fsq and .vae must be objects (or vae null)")
+        check_int_fields(self, {
+            "image_size": (1, IMAGE_LIMIT), "image_channels": (1, 64), "patch_size": (1, 64),
+            "num_registers": (1, TOKENS_LIMIT), "encoder_depth": (1, DEPTH_LIMIT), "decoder_depth": (1, DEPTH_LIMIT),
+            "encoder_dim": (1, WIDTH_LIMIT), "decoder_dim": (1, WIDTH_LIMIT), "head_dim": (1, 1024),
+            "time_freq_dim": (2, 8192),
+        })
+        check_float_fields(self, ("full_k_fraction", "cond_dropout_prob", "uniform_time_fraction",
+                                  "noise_time_fraction"))
         for name in ("image_size", "patch_size", "num_registers", "encoder_depth", "decoder_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FlexTokConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -26,6 +26,7 @@ from torch import nn
 
 from flextok.checkpoint import (
     CheckpointError,
+    check_finite,
     config_from_metadata,
     load_checkpoint,
     save_checkpoint,
@@ -358,6 +359,7 @@ class Generator(nn.Module):
             config = GPTConfig.from_dict(config_from_metadata(metadata, kind=CHECKPOINT_KIND, path=path))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: bad generator config ({e})") from None
+        check_finite(state, path)
         with torch.device("meta"):  # no random init: the weights come from the file
             model = cls(
                 config,

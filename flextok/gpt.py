@@ -30,6 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flextok.config import (
+    DEPTH_LIMIT,
+    TOKENS_LIMIT,
+    WIDTH_LIMIT,
+    check_float_fields,
+    check_int_fields,
+)
 from flextok.text_encoder import DEFAULT_MAX_TEXT_TOKENS, DEFAULT_TEXT_DIM, DEFAULT_TEXT_ENCODER
 
 COND_TYPES = ("class", "text")
@@ -66,6 +73,12 @@ class GPTConfig:
 
         if self.cond not in COND_TYPES:
             raise ValueError(f"GPTConfig.cond must be one of {COND_TYPES}, got {self.cond!r}")
+        check_int_fields(self, {
+            "codebook_size": (1, 1 << 20), "max_tokens": (1, TOKENS_LIMIT), "depth": (1, DEPTH_LIMIT),
+            "dim": (1, WIDTH_LIMIT), "num_heads": (1, 1024), "num_classes": (1, 1_000_000),
+            "text_dim": (1, WIDTH_LIMIT), "num_prefix_tokens": (1, TOKENS_LIMIT),
+        }, optional=("num_classes", "text_dim", "num_prefix_tokens"))
+        check_float_fields(self, ("cond_dropout_prob", "rope_base", "norm_eps"))
         if self.cond == "class":
             if self.text_encoder is not None or self.text_dim is not None:
                 raise ValueError("a class-conditional GPTConfig takes no text_encoder / text_dim")

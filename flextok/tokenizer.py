@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from flextok import flow
 from flextok.checkpoint import (
     CheckpointError,
+    check_finite,
     config_from_metadata,
     file_sha256,
     load_checkpoint,
@@ -89,8 +91,9 @@ class FlexTok(nn.Module):
             config = official.infer_config(state)
             state = official.map_state_dict(state, config)
         else:
-            config = FlexTokConfig.from_dict(config_from_metadata(metadata, kind=KIND, path=path))
-        with torch.device("meta"):
+            config = _config_from_metadata(metadata, path)
+        check_finite(state, path)
+        with torch.device("meta"):  # the config is within bounds: building is cheap
             model = cls(config)
         model.load_state_dict_strict(state)
         model.checkpoint_id = str(path)
@@ -105,7 +108,7 @@ class FlexTok(nn.Module):
 
         metadata = read_metadata(path)
         if metadata.get("kind") == KIND:
-            return FlexTokConfig.from_dict(config_from_metadata(metadata, kind=KIND, path=path))
+            return _config_from_metadata(metadata, path)
         shapes = read_shapes(path)
         if official.is_official_state_dict(shapes):
             return official.infer_config(shapes)
@@ -257,6 +260,16 @@ class FlexTok(nn.Module):
         velocity = self.decoder(flow.add_noise(latents, noise, t), t, registers)
         loss = flow.flow_loss(velocity, latents, noise)
         return {"loss": loss, "flow_mse": loss.detach()}
+
+
+def _config_from_metadata(metadata: dict[str, str], path: Any) -> FlexTokConfig:
+    """A checkpoint's recorded config, validated (types and bounds): a broken or hostile one is one line."""
+    try:
+        return FlexTokConfig.from_dict(config_from_metadata(metadata, kind=KIND, path=path))
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
 
 
 def load_tokenizer(spec: str | os.PathLike, device: torch.device | str | None = None) -> FlexTok:
