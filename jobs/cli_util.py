@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -34,13 +35,44 @@ def run_cli(
         add_filter(logging.getLogger(name), DropWarnings(prefixes))
     try:
         return int(body(args) or 0)
-    except USER_ERRORS as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        cause = root_cause(e)
+        if isinstance(cause, USER_ERRORS):
+            status = 2
+        elif isinstance(cause, OSError) or type(cause).__module__.startswith("botocore"):
+            status = 1  # the environment (disk full or read-only, storage or cluster unreachable)
+        else:
+            raise
+        print(f"{prog}: error: {one_line(cause)}", file=sys.stderr)
+        return status
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The user's or the environment's exception inside Ray's wrappers (a task error carries the
+    original as `.cause`; Ray Data chains it as `__cause__`), else `e` itself."""
+    seen: set[int] = set()
+    while type(e).__module__.startswith("ray.") and id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if inner is None:
+            break
+        e = inner
+    return e
+
+
+def one_line(e: BaseException) -> str:
+    """`e` as one line: an OSError by its cause and file ('No space left on device: /data/x');
+    URLs quoted in it are redacted."""
+    from pipelines.storage import redact_text
+
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.strerror}: {e.filename}"
+    else:
+        text = str(e) if isinstance(e, USER_ERRORS + (OSError,)) else f"{type(e).__name__}: {e}"
+    return redact_text(" ".join(text.split())) or type(e).__name__
 
 
 def json_arg(text: str) -> dict:
@@ -77,9 +109,25 @@ def _float_in(text: str, ok, what: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not ok(value):
+    if not math.isfinite(value) or not ok(value):  # nan and inf pass float() but no setting takes them
         raise argparse.ArgumentTypeError(f"expected {what}, got {value:g}")
     return value
+
+
+def finite_float(text: str) -> float:
+    return _float_in(text, lambda v: True, "a finite number")
+
+
+def int_in(low: int, high: int):
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        value = _int_at_least(text, low, f"an integer in {low}..{high}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {value}")
+        return value
+
+    return parse
 
 
 def positive_float(text: str) -> float:

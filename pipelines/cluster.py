@@ -44,10 +44,30 @@ def ensure_ray(**init_kwargs) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get(ADDRESS_ENV):
+        check_ray_address()
         ray.init(**_with_defaults(quiet_ray(local=False), init_kwargs))
     else:
         start_local_ray(**init_kwargs)
     return True
+
+
+def check_ray_address(timeout_s: float = 5.0) -> None:
+    """RAY_ADDRESS must answer: `ray.init` on a dead address retries for minutes and does not heed
+    Ctrl-C, so a TCP connect to it (a few seconds at most) goes first. "auto" and "local" pass."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = os.environ.get(ADDRESS_ENV, "").strip()
+    if not address or address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    if parts.hostname is None or parts.port is None:
+        return  # not host:port: leave it to Ray
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"the Ray cluster at {ADDRESS_ENV}={address} does not answer "
+                              f"({e.strerror or type(e).__name__}); start it, or unset {ADDRESS_ENV} to run locally") from None
 
 
 def start_local_ray(**init_kwargs):

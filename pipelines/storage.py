@@ -94,6 +94,35 @@ def redact_text(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
+def preflight(url: str, storage_options: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, where storage cannot work at all: an S3 endpoint that does not answer
+    (botocore would retry for minutes) or no S3 credentials anywhere. Transient faults of a store that
+    answers are not judged here."""
+    import socket
+
+    if fsspec.utils.get_protocol(url) not in ("s3", "s3a"):
+        return
+    opts = dict(storage_options or {})
+    client_kwargs = dict(opts.get("client_kwargs") or {})
+    endpoint = opts.get("endpoint_url") or client_kwargs.get("endpoint_url")
+    if endpoint:
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise ConnectionError(f"the S3 endpoint {redact_url(endpoint)} does not answer "
+                                  f"({e.strerror or type(e).__name__}); check AWS_ENDPOINT_URL or --storage-options") from None
+    if opts.get("anon") or opts.get("key") or opts.get("profile"):
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise PermissionError(
+            f"no S3 credentials for {redact_url(url)}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS "
+            "profile), or pass --storage-options '{\"anon\": true}' for a public bucket")
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for a URL."""
     return url_to_fs(url, **dict(storage_options or {}))

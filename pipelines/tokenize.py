@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipelines import writer
-from pipelines.cluster import ensure_ray
+from pipelines.cluster import check_ray_address, ensure_ray
 from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_batch
 from pipelines.encode import TokenizeBatch
 from pipelines.lease import Lease
@@ -29,7 +29,7 @@ from pipelines.model import TokenizerInfo, inspect_model, model_identity, resolv
 from pipelines.report import build_manifest, summary_text
 from pipelines.schema import SCHEMA_VERSION, file_metadata
 from pipelines.sources import InputPlan, read_shard_batch, resolve_inputs
-from pipelines.storage import effective_storage_options, redact_url
+from pipelines.storage import effective_storage_options, preflight, redact_url
 from pipelines.writer import OutputStore
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,13 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     opts_in = effective_storage_options(cfg.input, cfg.storage_options)
     opts_out = effective_storage_options(cfg.output, cfg.storage_options)
+    check_ray_address()
+    preflight(cfg.input, opts_in)
+    preflight(cfg.output, opts_out)
     plan = resolve_inputs(cfg.input, opts_in, files_per_shard=cfg.files_per_shard)
     store = OutputStore(cfg.output, opts_out)
+    if store.fs.isfile(store.root):
+        raise ValueError(f"--output {redact_url(cfg.output)} is a file; name a folder (new or from an earlier run)")
     _check_layout(plan, store)
     # A relative checkpoint path stays relative on a cluster (`ray job submit --working-dir`).
     spec = resolve_model_spec(cfg.model, keep_relative=bool(os.environ.get("RAY_ADDRESS")))
