@@ -9,13 +9,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.cli_util import positive_int, run_cli
+from jobs.cli_util import int_in, positive_int, run_cli
 
 log = logging.getLogger("jobs.corpus")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.corpus import CORPORA, DEFAULT_SIZES, DEFAULT_SPLITS, SPLITS
+    from pipelines.corpus import CORPORA, DEFAULT_SIZES, DEFAULT_SPLITS, MAX_SIZE, SPLITS
 
     p = argparse.ArgumentParser(
         prog="flextok corpus",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=CORPORA, help="emoji: 3,655 Noto colour emoji, caption = name, label = group "
                    "(9); fashion-mnist: 70,000 product photos, 10 classes")
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    p.add_argument("--size", type=positive_int, default=None,
+    p.add_argument("--size", type=int_in(1, MAX_SIZE), default=None,
                    help=f"square image side in pixels (default: {DEFAULT_SIZES})")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="fashion-mnist: the standard train (60k) / test (10k) split; emoji: a fixed 90/10 split "

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flextok.precision import PRECISIONS, resolve_precision
-from jobs.cli_util import json_arg, positive_int, run_cli
+from jobs.cli_util import finite_float, json_arg, positive_int, run_cli
 from pipelines.images import read_corpus
 
 log = logging.getLogger("jobs.evaluate")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ks", type=_int_list, default=None, metavar="K1,K2,...",
                    help="token counts (default 1, 2, 4, ..., K)")
     t.add_argument("--steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
-    t.add_argument("--guidance", type=float, default=1.0, help="decoder guidance scale (default %(default)s)")
+    t.add_argument("--guidance", type=finite_float, default=1.0, help="decoder guidance scale (default %(default)s)")
     t.add_argument("--apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
     t.add_argument("--classifier", default=None, metavar="CKPT",
                    help="classifier checkpoint (from train-classifier): also report how often it gives originals "
@@ -109,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images used as the FID reference (default %(default)s)")
     g.add_argument("--tokens-list", type=_int_list, default=None, metavar="K1,K2,...",
                    help="token counts (default 1, 2, 4, ..., K)")
-    g.add_argument("--cfg-scale", type=float, default=3.0, help="generator CFG; 1 = none (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
+    g.add_argument("--cfg-scale", type=finite_float, default=3.0, help="generator CFG; 1 = none (default %(default)s)")
+    g.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default %(default)s)")
     g.add_argument("--top-k", type=positive_int, default=None, help="top-k sampling")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    g.add_argument("--top-p", type=finite_float, default=None, help="nucleus sampling mass")
     g.add_argument("--decoder-steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
-    g.add_argument("--decoder-guidance", type=float, default=1.0, help="decoder guidance (default %(default)s)")
+    g.add_argument("--decoder-guidance", type=finite_float, default=1.0, help="decoder guidance (default %(default)s)")
     g.add_argument("--decoder-apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
     g.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                    help="generator and decoder precision; auto = bf16 on CUDA, fp32 on CPU (default %(default)s)")
@@ -127,12 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, metavar="SRC", help="labelled training corpus")
     c.add_argument("--out", required=True, type=Path, metavar="CKPT", help="classifier checkpoint to write (.safetensors)")
     c.add_argument("--val-data", default=None, metavar="SRC", help="held-out corpus (default: --val-fraction of --data)")
-    c.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data without --val-data (default %(default)s)")
+    c.add_argument("--val-fraction", type=finite_float, default=0.1, help="held-out share of --data without --val-data (default %(default)s)")
     c.add_argument("--max-images", type=positive_int, default=None, help="use at most this many training images")
     c.add_argument("--image-size", type=positive_int, default=32,
                    help="image side the classifier works at; match the tokenizer (default %(default)s)")
-    c.add_argument("--epochs", type=float, default=3.0, help="passes over the training images (default %(default)s)")
-    c.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default %(default)s)")
+    c.add_argument("--epochs", type=finite_float, default=3.0, help="passes over the training images (default %(default)s)")
+    c.add_argument("--lr", type=finite_float, default=3e-3, help="peak AdamW learning rate (default %(default)s)")
     c.add_argument("--widths", type=_int_list, default=[32, 64, 128], metavar="W1,W2,...",
                    help="channels per stage (default 32,64,128)")
     _common(c)

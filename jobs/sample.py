@@ -17,7 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flextok.precision import PRECISIONS, resolve_precision
-from jobs.cli_util import json_arg, non_negative_float, positive_int, probability, run_cli
+from jobs.cli_util import (
+    finite_float,
+    json_arg,
+    non_negative_float,
+    positive_int,
+    probability,
+    run_cli,
+)
 
 log = logging.getLogger("jobs.sample")
 
@@ -45,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per image, 1..K of the tokenizer (fewer = coarser images)")
     p.add_argument("--out", required=True, type=Path, metavar="GRID.png", help="grid PNG to write")
     p.add_argument("--per-condition", type=positive_int, default=4, help="samples per class or prompt (default %(default)s)")
-    p.add_argument("--cfg-scale", type=float, default=3.0,
+    p.add_argument("--cfg-scale", type=finite_float, default=3.0,
                    help="classifier-free guidance on the logits; 1 = none (plain conditional sampling), "
                    "0 = unconditional (default %(default)s)")
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature; 0 = greedy (default %(default)s)")
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling: smallest token set with this mass")
     p.add_argument("--seed", type=int, default=0, help="seed of token sampling and decoder noise (default %(default)s)")
     p.add_argument("--decoder-steps", type=positive_int, default=25, help="Euler steps of the tokenizer's flow decoder (default %(default)s)")
-    p.add_argument("--decoder-guidance", type=float, default=1.0,
+    p.add_argument("--decoder-guidance", type=finite_float, default=1.0,
                    help="classifier-free guidance scale of the tokenizer's decoder (default %(default)s)")
     p.add_argument("--decoder-apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images generated per batch (default %(default)s)")

@@ -232,6 +232,9 @@ DEFAULT_SIZES = {"emoji": 64, "fashion-mnist": 28}
 DEFAULT_SPLITS = {"emoji": "all", "fashion-mnist": "train"}
 
 
+MAX_SIZE = 1024  # the sources are 136 px (emoji) and 28 px (Fashion-MNIST): larger is only upsampling
+
+
 def build_corpus(
     name: str,
     out: Path,
@@ -246,8 +249,8 @@ def build_corpus(
         raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
     size = DEFAULT_SIZES[name] if size is None else size
     split = DEFAULT_SPLITS[name] if split is None else split
-    if size < 1:
-        raise ValueError(f"--size must be >= 1, got {size}")
+    if not 1 <= size <= MAX_SIZE:  # 100,000 px per side would mean 30 GB per image
+        raise ValueError(f"--size must be in 1..{MAX_SIZE}, got {size}")
     _check_split(split)
     if name == "emoji":
         samples = emoji_samples(size=size, split=split, limit=limit)

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import uuid
@@ -43,6 +44,8 @@ from pipelines.schema import (
     token_rows,
 )
 from pipelines.sources import Shard, filesystem
+
+log = logging.getLogger(__name__)
 
 ERRORS_DIR = "_errors"
 MANIFEST = "_manifest.json"
@@ -182,24 +185,34 @@ def write_pieces_batch(batch: pa.Table, *, output: str, storage_options: Mapping
     return write_pieces(batch, OutputStore(output, storage_options))
 
 
+def _staged_tables(store: OutputStore, shard_id: str, columns: list[str] | None = None) -> list[pa.Table]:
+    """The readable staged pieces of a shard; a torn or corrupt piece is removed (its rows are redone)."""
+    tables = []
+    for name in store.listdir(f"{STAGING_DIR}/{shard_id}"):
+        if not name.endswith(".parquet"):
+            continue
+        rel = f"{STAGING_DIR}/{shard_id}/{name}"
+        try:
+            tables.append(pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns,
+                                        schema=None if columns else ENCODED_SCHEMA))
+        except (pa.ArrowInvalid, OSError, ValueError) as e:
+            log.warning("staged piece %s is unreadable (%s): removed, its samples are redone", rel, e)
+            store.rm(rel)
+    return tables
+
+
 def staged_indices(store: OutputStore, shard_id: str) -> set[int]:
     """Indices already staged for a shard by an earlier, interrupted run."""
     done: set[int] = set()
-    for name in store.listdir(f"{STAGING_DIR}/{shard_id}"):
-        if name.endswith(".parquet"):
-            data = store.read_bytes(f"{STAGING_DIR}/{shard_id}/{name}")
-            done.update(pq.read_table(io.BytesIO(data), columns=["index"]).column("index").to_pylist())
+    for table in _staged_tables(store, shard_id, columns=["index"]):
+        done.update(table.column("index").to_pylist())
     return done
 
 
 # Completion ---------------------------------------------------------------------------------------
 def merge_staged(store: OutputStore, shard_id: str, total: int) -> pa.Table:
     """All staged rows of a shard, sorted by index, each index once; raises if any is missing."""
-    tables = []
-    for name in store.listdir(f"{STAGING_DIR}/{shard_id}"):
-        if name.endswith(".parquet"):
-            data = store.read_bytes(f"{STAGING_DIR}/{shard_id}/{name}")
-            tables.append(pq.read_table(io.BytesIO(data), schema=ENCODED_SCHEMA))
+    tables = _staged_tables(store, shard_id)
     table = pa.concat_tables(tables) if tables else ENCODED_SCHEMA.empty_table()
     table = table.sort_by("index")
     index = table.column("index").to_numpy()
@@ -258,9 +271,14 @@ def load_markers(store: OutputStore) -> dict[str, dict[str, Any]]:
     paths = [store.path(f"{DONE_DIR}/{n}") for n in store.listdir(DONE_DIR) if n.endswith(".json")]
     contents = store.fs.cat(paths) if paths else {}
     markers = {}
-    for data in contents.values():
-        marker = json.loads(data)
-        markers[marker["shard"]] = marker
+    for path, data in contents.items():
+        try:
+            marker = json.loads(data)
+            markers[marker["shard"]] = marker
+        except (ValueError, KeyError, TypeError):  # torn or edited: the shard is redone, its files replaced
+            log.warning("completion marker %s is unreadable: its shard will be redone", path)
+            name = posixpath.basename(path)[: -len(".json")]
+            markers[name] = {"shard": name, "fingerprint": None}
     return markers
 
 

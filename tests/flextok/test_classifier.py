@@ -17,13 +17,7 @@ from flextok.classifier import (
     to_float_images,
     train_classifier,
 )
-
-pytest.importorskip("pipelines.corpus")
-from pipelines.corpus import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_arrays  # noqa: E402
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"
-)
+from pipelines.corpus import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 
 
 def fashion_mnist(split: str, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +82,6 @@ def test_to_float_images_maps_uint8_to_unit_range():
     assert to_float_images(x).flatten().tolist() == [-1.0, 1.0]
 
 
-@needs_fashion_mnist
 def test_fits_a_fixed_batch_of_real_images():
     images, labels = fashion_mnist("train", 48)
     torch.manual_seed(0)
@@ -102,7 +95,6 @@ def test_fits_a_fixed_batch_of_real_images():
     assert evaluate_classifier(model, images, labels) > 0.5  # chance is 0.10
 
 
-@needs_fashion_mnist
 @pytest.mark.slow
 def test_learns_fashion_mnist_and_generalises_to_the_test_split():
     train_x, train_y = fashion_mnist("train", 4000)

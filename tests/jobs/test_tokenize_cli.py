@@ -82,3 +82,11 @@ def test_flextok_tokenize_end_to_end_on_local_ray(ray_local, tiny_checkpoint, tm
     assert "Total Progress" not in first.stdout + first.stderr
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert second.returncode == 0 and "nothing to do" in second.stdout
+
+
+def test_output_naming_a_file_is_one_line(capsys, tmp_path, real_images):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(real_images[0].data)
+    (tmp_path / "taken").write_text("a file")
+    line = _fail(capsys, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "taken"), "--model", "tiny"])
+    assert line.endswith("is a file; name a folder (new or from an earlier run)")

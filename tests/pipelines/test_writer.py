@@ -107,3 +107,23 @@ def test_piece_parquet_reads_back(tmp_path):
     name = store.listdir(f"{writer.STAGING_DIR}/s")[0]
     table = pq.read_table(io.BytesIO(store.read_bytes(f"{writer.STAGING_DIR}/s/{name}")))
     assert table.column("index").to_pylist() == [0, 1]
+
+
+def test_corrupt_staged_piece_is_removed_and_its_rows_redone(tmp_path):
+    store = OutputStore(str(tmp_path))
+    writer.write_pieces(_encoded("s", [0, 1]), store)
+    writer.write_pieces(_encoded("s", [2, 3]), store)
+    torn = sorted((tmp_path / writer.STAGING_DIR / "s").glob("*.parquet"))[1]
+    torn.write_bytes(torn.read_bytes()[:40])  # a piece cut short (a killed write on a store without renames)
+    assert writer.staged_indices(store, "s") == {0, 1}  # 2 and 3 are not done: they will be redone
+    assert not torn.exists()
+    writer.write_pieces(_encoded("s", [2, 3]), store)
+    assert writer.finalize_shard(store, _shard("s"), 4, META)["rows"] == 4
+
+
+def test_corrupt_marker_means_the_shard_is_redone(tmp_path):
+    store = OutputStore(str(tmp_path))
+    writer.write_pieces(_encoded("s", [0], total=1), store)
+    writer.finalize_shard(store, _shard("s"), 1, META)
+    (tmp_path / writer.DONE_DIR / "s.json").write_text('{"shard": "s", "inp')
+    assert writer.load_markers(store) == {"s": {"shard": "s", "fingerprint": None}}  # matches no input
