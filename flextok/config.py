@@ -46,6 +46,9 @@ class FSQConfig:
     """Finite scalar quantisation: one integer level count per code dimension."""
 
     levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)
+    # Each dim is bounded to the half-width (L - 1)(1 + bound_eps)/2 before rounding: 1e-3 in the
+    # official release. Checkpoints from before that was matched used -1e-3 (see LEGACY_CONVENTIONS).
+    bound_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if not isinstance(self.levels, (list, tuple)) or not all(
@@ -53,6 +56,9 @@ class FSQConfig:
         ) or len(self.levels) > 16:
             raise ValueError(f"FSQConfig.levels must be at most 16 integers in 2..1024, got {self.levels!r}")
         object.__setattr__(self, "levels", tuple(int(x) for x in self.levels))
+        check_float_fields(self, ("bound_eps",))
+        if not -0.1 < self.bound_eps < 0.1:
+            raise ValueError(f"FSQConfig.bound_eps must be small (|eps| < 0.1), got {self.bound_eps}")
         if not self.levels:
             raise ValueError("FSQConfig.levels must not be empty")
         if any(x < 2 for x in self.levels):
@@ -122,6 +128,12 @@ class FlexTokConfig:
     decoder_dim: int = 768
     head_dim: int = 64
     time_freq_dim: int = 256
+    # Numerical conventions, official values by default (verified against the release, issue 16):
+    # LayerNorm epsilon of every non-affine LayerNorm (block pre-norms, QK-norms, the heads' norms);
+    norm_eps: float = 1e-5
+    # sinusoidal time features cos(t * 1000 / max_timestep * max_period^(-i/half)), sin(...).
+    time_max_period: float = 256.0
+    max_timestep: float = 1.0
     fsq: FSQConfig = field(default_factory=FSQConfig)
     vae: VAEConfig | None = None
     nested_dropout_mode: str = "uniform"
@@ -152,7 +164,7 @@ class FlexTokConfig:
             "time_freq_dim": (2, 8192),
         })
         check_float_fields(self, ("full_k_fraction", "cond_dropout_prob", "uniform_time_fraction",
-                                  "noise_time_fraction"))
+                                  "noise_time_fraction", "norm_eps", "time_max_period", "max_timestep"))
         for name in ("image_size", "patch_size", "num_registers", "encoder_depth", "decoder_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FlexTokConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -176,6 +188,10 @@ class FlexTokConfig:
             raise ValueError("noise_time_fraction must be in [0, 1]")
         if not 0.0 <= self.full_k_fraction <= 1.0:
             raise ValueError("full_k_fraction must be in [0, 1]")
+        if not 0.0 < self.norm_eps < 0.1:
+            raise ValueError(f"norm_eps must be in (0, 0.1), got {self.norm_eps}")
+        if self.time_max_period <= 1.0 or self.max_timestep <= 0.0:
+            raise ValueError("time_max_period must be > 1 and max_timestep > 0")
         if self.vae is not None and self.image_size % self.vae.downsample:
             raise ValueError(f"image_size {self.image_size} not divisible by VAE downsample")
 
@@ -213,6 +229,17 @@ class FlexTokConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
+    def from_recorded(cls, data: dict[str, Any]) -> tuple[FlexTokConfig, bool]:
+        """A config as a checkpoint recorded it -> (config, predates_conventions). A checkpoint written
+        before the numerical conventions were recorded (no `norm_eps`) was trained with
+        `LEGACY_CONVENTIONS`: it gets those values, not today's defaults, and the caller must bring
+        its weights to the current adaLN chunk order (`flextok.decoder.legacy_adaln_to_official`)."""
+        if "norm_eps" in data:
+            return cls.from_dict(data), False
+        fsq = {**LEGACY_CONVENTIONS["fsq"], **data.get("fsq", {})}
+        return cls.from_dict({**data, **LEGACY_CONVENTIONS, "fsq": fsq}), True
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlexTokConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -222,6 +249,17 @@ class FlexTokConfig:
 
     def replace(self, **changes: Any) -> FlexTokConfig:
         return dataclasses.replace(self, **changes)
+
+
+# The numerical conventions of checkpoints written before they were recorded in the config (the
+# shipped models among them): LayerNorm eps 1e-6, time features with maximum period 10^4, FSQ
+# half-width (L - 1)(1 - 1e-3)/2, and DiT's adaLN chunk order (an exact weight permutation of today's).
+LEGACY_CONVENTIONS: dict[str, Any] = {
+    "norm_eps": 1e-6,
+    "time_max_period": 10000.0,
+    "max_timestep": 1.0,
+    "fsq": {"bound_eps": -1e-3},
+}
 
 
 def mlp_hidden_dim(dim: int) -> int:

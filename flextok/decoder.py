@@ -13,6 +13,7 @@ from torch import nn
 
 from flextok.config import FlexTokConfig
 from flextok.layers import (
+    ADALN_CHUNKS,
     AdaLNBlock,
     TimestepEmbedder,
     layer_norm_fp32,
@@ -23,18 +24,34 @@ from flextok.layers import (
 )
 from flextok.nested_dropout import keep_mask
 
+# DiT's chunk order, which checkpoints written before the conventions were recorded use.
+_DIT_CHUNKS = ("shift_attn", "scale_attn", "gate_attn", "shift_mlp", "scale_mlp", "gate_mlp")
+
+
+def legacy_adaln_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows of every decoder block's adaLN linear reordered from DiT's chunk order to `ADALN_CHUNKS`
+    (per part): an exact permutation, so a pre-convention checkpoint computes the same function."""
+    order = [_DIT_CHUNKS.index(name) for name in ADALN_CHUNKS]
+    out = dict(state)
+    for key, value in state.items():
+        if key.startswith("decoder.blocks.") and ".adaLN_modulation.1." in key:
+            parts = value.reshape(2, 6, value.shape[0] // 12, *value.shape[1:])  # (part, chunk, D, ...)
+            out[key] = parts[:, order].reshape(value.shape).contiguous()
+    return out
+
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) from the time embedding, then a linear map to patch values."""
 
-    def __init__(self, dim: int, patch_dim: int) -> None:
+    def __init__(self, dim: int, patch_dim: int, norm_eps: float) -> None:
         super().__init__()
+        self.norm_eps = norm_eps
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.proj = nn.Linear(dim, patch_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)
-        return self.proj(modulate(layer_norm_fp32(x), shift, scale))
+        return self.proj(modulate(layer_norm_fp32(x, self.norm_eps), shift, scale))
 
 
 class Decoder(nn.Module):
@@ -48,9 +65,12 @@ class Decoder(nn.Module):
         self.null_cond = nn.Parameter(torch.zeros(D))
         self.patch_emb = nn.Linear(config.patch_dim, D)
         self.register_buffer("pos_emb", sincos_2d(D, config.grid_size))  # (1, D, g, g)
-        self.time_embed = TimestepEmbedder(D, config.time_freq_dim)
-        self.blocks = nn.ModuleList(AdaLNBlock(D, config.head_dim) for _ in range(config.decoder_depth))
-        self.final = FinalLayer(D, config.patch_dim)
+        self.time_embed = TimestepEmbedder(
+            D, config.time_freq_dim, max_period=config.time_max_period, max_timestep=config.max_timestep
+        )
+        eps = config.norm_eps
+        self.blocks = nn.ModuleList(AdaLNBlock(D, config.head_dim, eps) for _ in range(config.decoder_depth))
+        self.final = FinalLayer(D, config.patch_dim, eps)
 
     def init_weights(self) -> None:
         """Linear layers xavier-uniform with zero bias; time-MLP normal(0.02); register positions,

@@ -37,7 +37,7 @@ class Encoder(nn.Module):
         # Persistent, as in the official checkpoints, which store their own sin-cos table.
         self.register_buffer("pos_emb", sincos_2d(D, config.grid_size))  # (1, D, g, g)
         self.registers = nn.Parameter(torch.empty(config.num_registers, D))
-        self.blocks = nn.ModuleList(Block(D, config.head_dim) for _ in range(config.encoder_depth))
+        self.blocks = nn.ModuleList(Block(D, config.head_dim, config.norm_eps) for _ in range(config.encoder_depth))
         self.to_codes = nn.Linear(D, config.fsq.num_dims)
 
     def init_weights(self) -> None:
@@ -68,4 +68,4 @@ class Encoder(nn.Module):
             pattern = causal_last_mask(N, self.config.num_registers, device=h.device)
         for block in self.blocks:
             h = block(h, pattern)
-        return self.to_codes(layer_norm_fp32(h[:, N:]))  # (B, K, d)
+        return self.to_codes(layer_norm_fp32(h[:, N:], self.config.norm_eps))  # (B, K, d)

@@ -138,7 +138,7 @@ def reconstruction_metrics(
         for k in ks:
             with precision_context(precision, device):
                 rec = tokenizer.detokenize(tokens[:, :k], steps=steps, guidance_scale=guidance_scale, apg=apg,
-                                           generator=_seeded(seed, b, device)).float()
+                                           generator=_seeded(seed, b, device)).float().clamp(-1, 1)  # measured as an image
             sq_err[k].append(mse_per_image(rec, x).cpu())
             if classifier is not None:
                 preds[k].append(predict(classifier, rec))

@@ -9,7 +9,7 @@ Training times are logit-normal, t = sigmoid(n) with n ~ N(0, 1), optionally mix
 
 Guidance: classifier-free guidance combines a conditional and an unconditional velocity, computed in
 one batched forward of 2B rows; adaptive projected guidance (APG, Sadat et al. 2024) optionally
-replaces the plain combination, acting on the implied clean-sample prediction x0 = x_t - t * v.
+replaces the plain combination, acting on the velocities themselves (as the FlexTok release does).
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ class _APGState:
         self.running: torch.Tensor | None = None
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Per sample (norms and dot products over every non-batch dim):
+        d = cond - uncond; running = d + momentum * running (from 0); d = running * min(1, threshold / |d|);
+        d = parallel + orthogonal with respect to `cond` (in float64);
+        result = cond + (scale - 1) * (orthogonal + eta * parallel)."""
         cfg = self.config
         diff = cond - uncond
         self.running = diff if self.running is None else diff + cfg.momentum * self.running
@@ -99,10 +103,11 @@ class _APGState:
         if cfg.norm_threshold > 0:
             norm = update.norm(p=2, dim=dims, keepdim=True)
             update = update * torch.clamp(cfg.norm_threshold / norm.clamp_min(1e-12), max=1.0)
-        unit = cond / cond.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)
-        parallel = (update * unit).sum(dim=dims, keepdim=True) * unit
-        orthogonal = update - parallel
-        return cond + (scale - 1) * (orthogonal + cfg.eta * parallel)
+        u, c = update.double(), cond.double()
+        unit = c / c.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)
+        parallel = (u * unit).sum(dim=dims, keepdim=True) * unit
+        orthogonal = u - parallel
+        return cond + (scale - 1) * (orthogonal + cfg.eta * parallel).to(cond.dtype)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -146,8 +151,6 @@ def euler_sample(
             if apg_state is None:
                 v = cfg_combine(v_cond, v_uncond, guidance_scale)
             else:
-                # APG acts on the clean-sample predictions x0 = x_t - t v, then maps back to v.
-                x0 = apg_state.guide(x - t * v_cond, x - t * v_uncond, guidance_scale)
-                v = (x - x0) / t
+                v = apg_state.guide(v_cond, v_uncond, guidance_scale)
         x = x + (t_next - t) * v
     return x

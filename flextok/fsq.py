@@ -34,17 +34,21 @@ class FSQ(nn.Module):
     def _half_width(self) -> torch.Tensor:
         return (self.levels // 2).float()
 
-    def bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-        """Squash each dim into (-L/2, L/2) so that rounding yields exactly L values.
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Squash each dim into [-L/2, L/2] so that rounding yields exactly L values.
 
-        Even level counts get a half-step offset so the L integers are -L/2 .. L/2 - 1.
+        tanh(z + shift) * h - offset with half-width h = (L - 1)(1 + bound_eps)/2; even level counts
+        get a half-step offset (so the L integers are -L/2 .. L/2 - 1) and a shift atanh(offset / h)
+        that maps z = 0 to 0. With bound_eps > 0 (the release's 1e-3) the ratio is below 1 for every L.
         """
+        eps = self.config.bound_eps
         levels = self.levels.float()
-        half_l = (levels - 1) * (1 - eps) / 2
+        half_l = (levels - 1) * (1 + eps) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
-        # The shift centres z = 0 between two levels; for L = 2 the ratio reaches 1, so cap it.
-        shift = torch.atanh((offset / half_l).clamp(max=0.99))
-        return torch.tanh(z + shift) * half_l - offset
+        ratio = offset / half_l
+        if eps < 0:  # pre-convention checkpoints: for L = 2 the ratio exceeds 1, where they capped it
+            ratio = ratio.clamp(max=0.99)
+        return torch.tanh(z + torch.atanh(ratio)) * half_l - offset
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """(..., d) continuous -> (..., d) codes in [-1, 1], straight-through gradient."""

@@ -19,8 +19,10 @@ from torch.nn.attention.bias import causal_lower_right
 from flextok.config import mlp_hidden_dim
 
 
-def layer_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm without affine parameters, computed in fp32 and cast back (stable under bf16)."""
+def layer_norm_fp32(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters, computed in fp32 and cast back (stable under bf16).
+
+    `eps` is the model's `norm_eps` (1e-5 in the official release), passed explicitly everywhere."""
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
@@ -44,12 +46,13 @@ class Attention(nn.Module):
     """Multi-head self-attention: bias-free projections, QK-norm, SDPA with a boolean mask, none, or
     the split causal-last pattern (`CausalLast`)."""
 
-    def __init__(self, dim: int, head_dim: int) -> None:
+    def __init__(self, dim: int, head_dim: int, norm_eps: float) -> None:
         super().__init__()
         if dim % head_dim:
             raise ValueError(f"dim {dim} is not a multiple of head_dim {head_dim}")
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
+        self.norm_eps = norm_eps
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
@@ -58,8 +61,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | CausalLast | None = None) -> torch.Tensor:
         B, T, D = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q = layer_norm_fp32(self.wq(x).view(shape)).transpose(1, 2)  # (B, H, T, hd)
-        k = layer_norm_fp32(self.wk(x).view(shape)).transpose(1, 2)  # (B, H, T, hd)
+        q = layer_norm_fp32(self.wq(x).view(shape), self.norm_eps).transpose(1, 2)  # (B, H, T, hd)
+        k = layer_norm_fp32(self.wk(x).view(shape), self.norm_eps).transpose(1, 2)  # (B, H, T, hd)
         v = self.wv(x).view(shape).transpose(1, 2)  # (B, H, T, hd)
         if isinstance(attn_mask, CausalLast):
             N = attn_mask.num_first
@@ -94,53 +97,57 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (encoder)."""
 
-    def __init__(self, dim: int, head_dim: int) -> None:
+    def __init__(self, dim: int, head_dim: int, norm_eps: float) -> None:
         super().__init__()
-        self.attn = Attention(dim, head_dim)
+        self.norm_eps = norm_eps
+        self.attn = Attention(dim, head_dim, norm_eps)
         self.mlp = SwiGLU(dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | CausalLast | None = None) -> torch.Tensor:
-        x = x + self.attn(layer_norm_fp32(x), attn_mask)
-        return x + self.mlp(layer_norm_fp32(x))
+        x = x + self.attn(layer_norm_fp32(x, self.norm_eps), attn_mask)
+        return x + self.mlp(layer_norm_fp32(x, self.norm_eps))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+# The six chunks of each part's adaLN modulation vector, in the order the official release splits it.
+ADALN_CHUNKS = ("gate_attn", "gate_mlp", "shift_attn", "scale_attn", "shift_mlp", "scale_mlp")
+
+
 class AdaLNBlock(nn.Module):
     """Pre-norm block with adaLN-zero time conditioning, modulated separately for two parts.
 
     The sequence is `[first ; second]` (the decoder's noised patches, then its registers); each part
-    gets its own shift, scale and gate for attention and MLP: 2 x 6 chunks from one linear layer.
+    gets its own shift, scale and gate for attention and MLP: one linear layer gives 12 chunks, the
+    first part's six then the second's, each six in the order of `ADALN_CHUNKS`.
     """
 
-    def __init__(self, dim: int, head_dim: int) -> None:
+    def __init__(self, dim: int, head_dim: int, norm_eps: float) -> None:
         super().__init__()
-        self.attn = Attention(dim, head_dim)
+        self.norm_eps = norm_eps
+        self.attn = Attention(dim, head_dim, norm_eps)
         self.mlp = SwiGLU(dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 12 * dim))
 
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor, num_first: int, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # cond: (B, D) -> 12 x (B, D): [patches: shift, scale, gate (attn), shift, scale, gate (mlp) ;
-        #                               registers: the same six]
-        mods = self.adaLN_modulation(cond).chunk(12, dim=-1)
-        first, second = mods[:6], mods[6:]
+        mods = self.adaLN_modulation(cond).chunk(12, dim=-1)  # 12 x (B, D)
+        first, second = dict(zip(ADALN_CHUNKS, mods[:6])), dict(zip(ADALN_CHUNKS, mods[6:]))
 
-        def mod(h: torch.Tensor, i: int) -> torch.Tensor:
+        def mod(h: torch.Tensor, part: str) -> torch.Tensor:
             a, b = h[:, :num_first], h[:, num_first:]
-            return torch.cat(
-                [modulate(a, first[i], first[i + 1]), modulate(b, second[i], second[i + 1])], dim=1
-            )
+            return torch.cat([modulate(a, first["shift_" + part], first["scale_" + part]),
+                              modulate(b, second["shift_" + part], second["scale_" + part])], dim=1)
 
-        def gate(h: torch.Tensor, i: int) -> torch.Tensor:
+        def gate(h: torch.Tensor, part: str) -> torch.Tensor:
             a, b = h[:, :num_first], h[:, num_first:]
-            return torch.cat([a * first[i].unsqueeze(1), b * second[i].unsqueeze(1)], dim=1)
+            return torch.cat([a * first["gate_" + part].unsqueeze(1), b * second["gate_" + part].unsqueeze(1)], dim=1)
 
-        x = x + gate(self.attn(mod(layer_norm_fp32(x), 0), attn_mask), 2)
-        return x + gate(self.mlp(mod(layer_norm_fp32(x), 3)), 5)
+        x = x + gate(self.attn(mod(layer_norm_fp32(x, self.norm_eps), "attn"), attn_mask), "attn")
+        return x + gate(self.mlp(mod(layer_norm_fp32(x, self.norm_eps), "mlp")), "mlp")
 
 
 def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
@@ -159,22 +166,27 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> sinusoidal features -> MLP -> (B, D)."""
+    """Flow time t in [0, max_timestep] -> sinusoidal features -> MLP -> (B, D).
 
-    # t is scaled to [0, 1000] before the sinusoid so that the usual 10^4 frequency range resolves it.
-    TIME_SCALE = 1000.0
+    Features: cos(t * w_i) then sin(t * w_i) with frequencies w_i = 1000 / max_timestep *
+    max_period^(-i/half), i = 0..half-1 (the release: max_period 256, cosine half first).
+    """
 
-    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+    def __init__(self, dim: int, freq_dim: int = 256, *, max_period: float = 256.0, max_timestep: float = 1.0) -> None:
         super().__init__()
         self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.max_timestep = max_timestep
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(
-            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
-        )
-        args = (t.float() * self.TIME_SCALE)[:, None] * freqs[None]  # (B, F/2)
+            -math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        ) * (1000.0 / self.max_timestep)
+        # the scale goes on the frequencies, not on t: at t * 1000 ~ 700 rad one float32 ulp of the
+        # product moves the velocity by ~1e-4, and this is the release's rounding (golden test)
+        args = t.float()[:, None] * freqs[None]  # (B, F/2)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 

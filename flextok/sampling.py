@@ -153,7 +153,7 @@ def decode_tokens(
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         images = tokenizer.detokenize(chunk, steps=steps, guidance_scale=guidance_scale, apg=apg, generator=generator)
-        out.append(images.cpu())
+        out.append(images.clamp(-1, 1).cpu())  # images to write: clamped here, not inside the model
     return torch.cat(out)
 
 
@@ -198,7 +198,7 @@ def sample(
             images = tokenizer.detokenize(tokens, steps=decoder_steps, guidance_scale=decoder_guidance,
                                           apg=decoder_apg, generator=rng)
         all_tokens.append(tokens.cpu())
-        all_images.append(images.float().cpu())
+        all_images.append(images.float().clamp(-1, 1).cpu())  # images to write: clamped here, not inside the model
         if on_batch is not None:
             on_batch(start + len(chunk), len(conditions))
     return torch.cat(all_tokens), torch.cat(all_images)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,25 @@ from flextok.checkpoint import (
     save_checkpoint,
 )
 from flextok.config import FlexTokConfig, get_preset
-from flextok.decoder import Decoder
+from flextok.decoder import Decoder, legacy_adaln_to_official
 from flextok.encoder import Encoder
 from flextok.fsq import FSQ
 from flextok.nested_dropout import sample_keep_k
 
 KIND = "FlexTok"
+
+
+@dataclass(frozen=True)
+class DetokenizeDefaults:
+    """What `detokenize` does when a setting is not given: ours for our models; an official release
+    loads with the release's recommended 20 Euler steps, guidance 7.5 with APG (`OFFICIAL_DETOKENIZE`)."""
+
+    steps: int = 25
+    guidance_scale: float = 1.0
+    apg: bool = False
+
+
+OFFICIAL_DETOKENIZE = DetokenizeDefaults(steps=20, guidance_scale=7.5, apg=True)
 
 
 class FlexTok(nn.Module):
@@ -54,6 +68,7 @@ class FlexTok(nn.Module):
         self.decoder = Decoder(config)
         self.checkpoint_id = "unsaved"
         self.checkpoint_sha256: str | None = None
+        self.detokenize_defaults = DetokenizeDefaults()
 
     def init_weights(self) -> None:
         """Encoder and decoder schemes are documented on their `init_weights`; the VAE is frozen."""
@@ -83,21 +98,28 @@ class FlexTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> FlexTok:
-        """Load our checkpoint or an official FlexTok release (recognised by its key names)."""
+        """Load our checkpoint or an official FlexTok release (recognised by its key names; its
+        config.json, when beside the weights, is read too). A release detokenizes by default with the
+        release's recommended settings (`OFFICIAL_DETOKENIZE`)."""
         from flextok import official
 
         state, metadata = load_checkpoint(path)
-        if official.is_official_state_dict(state):
-            config = official.infer_config(state)
+        is_official = official.is_official_state_dict(state)
+        if is_official:
+            config = official.infer_config(state, official.read_release_config(path))
             state = official.map_state_dict(state, config)
         else:
-            config = _config_from_metadata(metadata, path)
+            config, predates = _config_from_metadata(metadata, path)
+            if predates:  # written before the conventions were recorded: DiT's adaLN chunk order
+                state = legacy_adaln_to_official(state)
         check_finite(state, path)
         with torch.device("meta"):  # the config is within bounds: building is cheap
             model = cls(config)
         model.load_state_dict_strict(state)
         model.checkpoint_id = str(path)
         model.checkpoint_sha256 = file_sha256(path)
+        if is_official:
+            model.detokenize_defaults = OFFICIAL_DETOKENIZE
         return model.to(device) if device is not None else model
 
     @classmethod
@@ -108,10 +130,10 @@ class FlexTok(nn.Module):
 
         metadata = read_metadata(path)
         if metadata.get("kind") == KIND:
-            return _config_from_metadata(metadata, path)
+            return _config_from_metadata(metadata, path)[0]
         shapes = read_shapes(path)
         if official.is_official_state_dict(shapes):
-            return official.infer_config(shapes)
+            return official.infer_config(shapes, official.read_release_config(path))
         return cls.from_pretrained(path).config  # neither: the full load gives the one-line error
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor], *, fresh: Sequence[str] = ()) -> None:
@@ -173,7 +195,8 @@ class FlexTok(nn.Module):
         return self.vae.encode(images) if self.vae is not None else images
 
     def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents) if self.vae is not None else latents.clamp(-1, 1)
+        """Not clamped (as the release): values may leave [-1, 1]; clamp where images are written or measured."""
+        return self.vae.decode(latents) if self.vae is not None else latents
 
     def _check_images(self, images: torch.Tensor) -> None:
         c = self.config
@@ -215,12 +238,34 @@ class FlexTok(nn.Module):
         self,
         ids: torch.Tensor | Sequence[torch.Tensor],
         *,
-        steps: int = 25,
-        guidance_scale: float = 1.0,
-        apg: bool | flow.APGConfig = False,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        apg: bool | flow.APGConfig | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Token prefixes of any lengths 1..K (one batched call) -> images (B, 3, H, W) in [-1, 1]."""
+        """Token prefixes of any lengths 1..K (one batched call) -> images (B, 3, H, W), nominally in
+        [-1, 1] but NOT clamped (as the release; `images.clamp(-1, 1)` before writing or measuring).
+
+        Settings left None come from `self.detokenize_defaults`: 25 steps, no guidance for our
+        models; 20 steps, guidance 7.5 with APG for an official release."""
+        latents = self.detokenize_latents(ids, steps=steps, guidance_scale=guidance_scale, apg=apg, generator=generator)
+        return self.latents_to_images(latents)
+
+    @torch.no_grad()
+    def detokenize_latents(
+        self,
+        ids: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        apg: bool | flow.APGConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """`detokenize` up to the flow sampler's output: latents (B, c, h, w) before the VAE decode."""
+        defaults = self.detokenize_defaults
+        steps = defaults.steps if steps is None else steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        apg = defaults.apg if apg is None else apg
         tokens, keep_k = self._pad_tokens(ids)
         B = tokens.shape[0]
         codes = self.fsq.tokens_to_codes(tokens)  # (B, K, d)
@@ -233,8 +278,7 @@ class FlexTok(nn.Module):
 
         c = self.config
         noise = flow.randn((B, c.latent_channels, c.latent_size, c.latent_size), generator=generator, device=self.device)
-        latents = flow.euler_sample(velocity, noise, steps=steps, guidance_scale=guidance_scale, apg=apg)
-        return self.latents_to_images(latents)
+        return flow.euler_sample(velocity, noise, steps=steps, guidance_scale=guidance_scale, apg=apg)
 
     # Training ------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -262,10 +306,11 @@ class FlexTok(nn.Module):
         return {"loss": loss, "flow_mse": loss.detach()}
 
 
-def _config_from_metadata(metadata: dict[str, str], path: Any) -> FlexTokConfig:
-    """A checkpoint's recorded config, validated (types and bounds): a broken or hostile one is one line."""
+def _config_from_metadata(metadata: dict[str, str], path: Any) -> tuple[FlexTokConfig, bool]:
+    """A checkpoint's recorded config, validated (types and bounds): a broken or hostile one is one line.
+    Also whether it predates the recorded numerical conventions (`FlexTokConfig.from_recorded`)."""
     try:
-        return FlexTokConfig.from_dict(config_from_metadata(metadata, kind=KIND, path=path))
+        return FlexTokConfig.from_recorded(config_from_metadata(metadata, kind=KIND, path=path))
     except CheckpointError:
         raise
     except (TypeError, ValueError) as e:

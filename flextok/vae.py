@@ -57,10 +57,15 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, c, H/8, W/8) scaled latents (posterior mean: deterministic)."""
+        """(B, 3, H, W) in [-1, 1] -> (B, c, H/8, W/8) scaled latents.
+
+        Always the posterior mean, deliberately: tokens are a deterministic function of the image (the
+        release's config may say `sample_posterior`; a sample would make every tokenization differ)."""
         posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         return posterior.mean * self.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype) / self.config.scaling_factor).sample.clamp(-1, 1)
+        """(B, c, h, w) scaled latents -> (B, 3, H, W) images, NOT clamped (values may leave [-1, 1]
+        slightly, as in the release): clamp where an image is written or measured."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.config.scaling_factor).sample

@@ -53,6 +53,13 @@ def test_checkpoint_loads_with_its_recorded_config_and_card(name):
     assert md["kind"] == SHIPPED[name]
     model = _load(path)
     recorded, loaded = json.loads(md["config"]), json.loads(json.dumps(model.config.to_dict()))  # tuples vs lists
+    if SHIPPED[name] == "FlexTok" and "norm_eps" not in recorded:
+        # written before the numerical conventions were recorded: loads with those it was trained with
+        # (LayerNorm eps 1e-6, time features of period 10^4, FSQ half-width (L - 1)(1 - 1e-3)/2), not
+        # with today's defaults (the official release's)
+        conventions = (loaded.pop("norm_eps"), loaded.pop("time_max_period"), loaded.pop("max_timestep"),
+                       loaded["fsq"].pop("bound_eps"))
+        assert conventions == (1e-6, 1e4, 1.0, -1e-3)
     assert {key: loaded[key] for key in recorded} == recorded
     # fields added to the config after the checkpoint was written load with their defaults
     defaults = {f.name: f.default for f in dataclasses.fields(model.config)}

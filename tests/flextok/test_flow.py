@@ -129,3 +129,50 @@ def test_training_fractions_are_validated_and_round_trip(field):
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=field):
             get_preset("tiny").replace(**{field: bad})
+
+
+def test_cfg_hand_worked():
+    # uncond + s (cond - uncond) = (0, 1) + 3 (1, 1)
+    out = flow.cfg_combine(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0]]), 3.0)
+    assert torch.equal(out, torch.tensor([[3.0, 4.0]]))
+
+
+# Two steps of APG worked by hand with the release's settings (momentum -0.5, threshold 2.5, eta 0,
+# scale 7.5), for a 2-value sample:
+#   step 1: cond (3, 0), uncond (3, -4): d = (0, 4); running = d; |d| = 4 > 2.5 -> (0, 2.5);
+#           parallel to cond (1, 0): 0 -> guided = (3, 0) + 6.5 (0, 2.5) = (3, 16.25)
+#   step 2: cond (0, 2), uncond (-1, 1): d = (1, 1); running = d - 0.5 (0, 4) = (1, -1) (the buffer
+#           keeps the unclipped value); |.| = 1.41 < 2.5; parallel to (0, 1): (0, -1), orthogonal
+#           (1, 0) -> guided = (0, 2) + 6.5 (1, 0) = (6.5, 2)
+APG_STEPS = [((3.0, 0.0), (3.0, -4.0), (3.0, 16.25)), ((0.0, 2.0), (-1.0, 1.0), (6.5, 2.0))]
+
+
+def test_apg_two_steps_hand_worked():
+    state = flow._APGState(flow.APGConfig())
+    for cond, uncond, guided in APG_STEPS:
+        out = state.guide(torch.tensor([cond]), torch.tensor([uncond]), 7.5)
+        assert torch.allclose(out, torch.tensor([guided]), atol=1e-6)
+
+
+def test_apg_norms_are_per_sample_over_every_non_batch_dim():
+    # Sample 0 as (C, H, W) = (1, 2, 1) is step 1 above (clipped); sample 1 is the same direction but
+    # small (|d| = 0.4, not clipped): a norm over the batch would clip both, one per value neither.
+    cond = torch.tensor([[3.0, 0.0], [3.0, 0.0]]).view(2, 1, 2, 1)
+    uncond = torch.tensor([[3.0, -4.0], [3.0, -0.4]]).view(2, 1, 2, 1)
+    out = flow._APGState(flow.APGConfig()).guide(cond, uncond, 7.5).view(2, 2)
+    assert torch.allclose(out, torch.tensor([[3.0, 16.25], [3.0, 2.6]]), atol=1e-6)
+
+
+def test_euler_sample_applies_apg_to_the_velocities():
+    """Two Euler steps (t = 1 -> 0.5 -> 0) with fields that return the hand-worked velocities whatever x:
+    x_0 = x_1 - 0.5 (3, 16.25) - 0.5 (6.5, 2) = x_1 - (4.75, 9.125). APG on the implied clean samples
+    x - t v instead would give another result."""
+    calls = iter(APG_STEPS)
+
+    def velocity(x, t, with_uncond):
+        cond, uncond, _ = next(calls)
+        return torch.tensor([cond, uncond])
+
+    x1 = torch.tensor([[0.5, -1.0]])
+    out = flow.euler_sample(velocity, x1, steps=2, guidance_scale=7.5, apg=True)
+    assert torch.allclose(out, x1 - torch.tensor([[4.75, 9.125]]), atol=1e-6)

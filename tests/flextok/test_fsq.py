@@ -62,3 +62,27 @@ def test_out_of_range_tokens_are_refused():
         assert "[0, 16)" in str(e)
     else:
         raise AssertionError("token 16 of a 16-code book was accepted")
+
+
+def test_bound_uses_the_releases_half_width():
+    """L = 5: half-width (5 - 1)(1 + 1e-3)/2 = 2.002, no offset; the bounded value 2.002 tanh(z) crosses
+    the rounding edge 1.5 (digit 3 -> 4, code 0.5 -> 1) at z = atanh(1.5 / 2.002). A half-width of
+    (L - 1)(1 - 1e-3)/2 moves that edge by 0.0034."""
+    import math
+
+    fsq = FSQ(FSQConfig(levels=(5,)))
+    edge = math.atanh(1.5 / 2.002)
+    codes = fsq.quantize(torch.tensor([[edge - 2e-4], [edge + 2e-4]]))
+    assert codes.flatten().tolist() == [0.5, 1.0]
+
+
+def test_even_levels_are_shifted_without_a_clamp():
+    """L = 2: h = 0.5005, offset 0.5, shift atanh(0.5 / 0.5005) = 3.80 (a cap of the ratio at 0.99 would
+    make it 2.65). At z = -3: tanh(0.80) * 0.5005 - 0.5 = -0.167 rounds to 0 (code 0); with the cap,
+    tanh(-0.35) * 0.5005 - 0.5 = -0.67 would round to -1."""
+    import math
+
+    fsq = FSQ(FSQConfig(levels=(2,)))
+    expected = math.tanh(-3 + math.atanh(0.5 / 0.5005)) * 0.5005 - 0.5
+    assert abs(fsq.bound(torch.tensor([[-3.0]])).item() - expected) < 1e-4  # float32 atanh near 1
+    assert fsq.quantize(torch.tensor([[-3.0]])).item() == 0.0

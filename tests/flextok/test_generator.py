@@ -266,3 +266,35 @@ def test_cross_entropy_matches_a_manual_computation():
     logits = model.gpt(prefix, tokens[:, :-1])  # (B, K, V)
     manual = F.cross_entropy(logits.reshape(-1, 1000), tokens.reshape(-1))
     torch.testing.assert_close(model(tokens, [0, 1]), manual)
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_greedy_cfg_token_is_the_argmax_of_separately_computed_guided_logits(kind):
+    """At temperature 0 each token is argmax(uncond + s (cond - uncond)), where cond and uncond come
+    from two separate full forward passes: one with the condition's prefix, one with the null prefix."""
+    torch.manual_seed(2)
+    model = Generator(CLASS_CONFIG if kind == "class" else TEXT_CONFIG).eval()
+    with torch.no_grad():  # a random model whose condition matters: cond and uncond argmaxes differ
+        for p in model.embedder.parameters():
+            p.mul_(40)
+    if kind == "class":
+        cond = torch.tensor([0, 3, 1])
+        prefix, mask = model.embedder.table(cond), None
+        prefix = prefix.unsqueeze(1)
+        null_prefix, null_mask = model.embedder.table(torch.full((3,), 4)).unsqueeze(1), None
+    else:
+        states, text_mask = model.text_encoder.encode(CAPTIONS[:3])
+        cond = (states, text_mask)
+        prefix, mask = model.embedder(states, text_mask)
+        null_prefix, null_mask = model.null_condition(3)
+    s, n = 3.0, 10
+    out = model.generate(cond, temperature=0, cfg_scale=s, num_tokens=n)
+    picked_cond = picked_uncond = 0
+    with torch.no_grad():
+        for j in range(n):
+            c = model.gpt(prefix, out[:, :j], mask)[:, j].float()  # (B, V): logits of token j
+            u = model.gpt(null_prefix, out[:, :j], null_mask)[:, j].float()
+            assert torch.equal(out[:, j], (u + s * (c - u)).argmax(-1))
+            picked_cond += int((out[:, j] == c.argmax(-1)).sum())
+            picked_uncond += int((out[:, j] == u.argmax(-1)).sum())
+    assert picked_cond < 3 * n and picked_uncond < 3 * n  # guidance chose tokens neither pass alone would

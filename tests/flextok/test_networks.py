@@ -138,7 +138,7 @@ def test_split_causal_last_attention_equals_the_boolean_mask(num_patches, num_re
     from flextok.layers import Attention, CausalLast
 
     torch.manual_seed(seed)
-    attn = Attention(16 * heads, 16)
+    attn = Attention(16 * heads, 16, 1e-5)
     x = torch.randn(batch, num_patches + num_registers, 16 * heads)
     masked = attn(x, causal_last_mask(num_patches, num_registers))
     split = attn(x, CausalLast(num_patches))
@@ -151,7 +151,7 @@ def test_split_attention_is_not_plain_causal_or_full():
     from flextok.layers import Attention, CausalLast
 
     torch.manual_seed(0)
-    attn = Attention(32, 16)
+    attn = Attention(32, 16, 1e-5)
     N, K = 6, 4
     x = torch.randn(2, N + K, 32)
     split = attn(x, CausalLast(N))

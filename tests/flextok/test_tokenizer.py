@@ -17,7 +17,7 @@ from flextok import CheckpointError, FlexTok, load_tokenizer
 from flextok.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 SMALL = dict(encoder_dim=64, decoder_dim=64, head_dim=32, encoder_depth=2, decoder_depth=2)
-OFFICIAL = Path(__file__).resolve().parents[3] / "shared" / "flextok-official"
+OFFICIAL = Path(__file__).resolve().parents[1] / "fixtures" / "flextok_official"  # copies of shared's manifests
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,7 @@ def test_detokenize_takes_ragged_prefixes_in_one_call(model):
     ids = model.tokenize(_images())
     g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     ragged = model.detokenize([ids[0, :1], ids[1, :9], ids[2]], steps=3, generator=g())
-    assert ragged.shape == (3, 3, 32, 32)
-    assert ragged.min() >= -1 and ragged.max() <= 1
+    assert ragged.shape == (3, 3, 32, 32) and torch.isfinite(ragged).all()
     # Row i of the ragged call equals the same prefix decoded alone with the same noise.
     alone = model.detokenize(ids[1:2, :9], steps=3, generator=torch.Generator().manual_seed(7))
     noise_row1 = model.detokenize([ids[0, :1], ids[1, :9]], steps=3, generator=g())[1]
@@ -235,10 +234,8 @@ def test_paper_presets_on_meta_match_official_parameter_counts(preset, manifest)
     total = sum(v.numel() for v in m.state_dict().values())
     no_vae = sum(v.numel() for k, v in m.state_dict().items() if not k.startswith("vae."))
     print(f"{preset}: {total:,} parameters ({no_vae:,} without the VAE)")
-    path = OFFICIAL / f"flextok_{manifest}_keys.json"
-    if path.exists():
-        expected = json.loads(path.read_text())["state_dict"]
-        assert total == sum(torch.Size(s).numel() for s in expected.values())
+    expected = json.loads((OFFICIAL / f"flextok_{manifest}_keys.json").read_text())["state_dict"]
+    assert total == sum(torch.Size(s).numel() for s in expected.values())
     # Independent of the manifests: the published sizes 0.3B / 0.9B / 3B (rounded, with the VAE).
     assert round(total / 1e9, 1 if total < 1e9 else 0) == {"d12_d12": 0.3, "d18_d18": 0.9, "d18_d28": 3}[preset]
 
