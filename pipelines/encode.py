@@ -2,7 +2,8 @@
 
 Owns: `TokenizeBatch`, the callable class placed with `ActorPoolStrategy` (one GPU per actor where
 there are GPUs, a fixed number of CPU threads otherwise); turning `pixels` into a [B, 3, S, S] batch
-in [-1, 1]; `--max-tokens` prefixes; the Arrow `list<uint16>` column. A batch that fails is retried
+in [-1, 1]; the compute precision (`flextok.precision`) and optional compiled encoder blocks;
+`--max-tokens` prefixes; the Arrow `list<uint16>` column. A batch that fails is retried
 row by row so that one poison sample becomes one error row. Does not own: decoding or writing.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flextok.precision import precision_context
 from pipelines.model import default_device, load_model
 from pipelines.schema import DECODED_SCHEMA, ENCODED_SCHEMA, error_message
 
@@ -55,18 +57,28 @@ class TokenizeBatch:
         max_tokens: store the first k tokens (1..K); None = all K.
         num_threads: torch CPU threads (the actor's CPU share); None leaves torch's default.
         device: 'cuda' / 'cpu'; None = CUDA when this actor sees a GPU.
+        precision: `flextok.precision.PRECISIONS` (default fp32: the tokens do not depend on the
+            hardware; bf16/fp16 change a few % of them, see README).
+        compile: torch.compile the encoder's blocks (eager where compile is unavailable).
     """
 
     def __init__(
         self, model: str, *, max_tokens: int | None = None, num_threads: int | None = None,
-        device: str | None = None,
+        device: str | None = None, precision: str = "fp32", compile: bool = False,
     ) -> None:
         import torch
+
+        from flextok.precision import check_precision
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = device or default_device()
+        self.precision = check_precision(precision)
         self.model = load_model(model, device=self.device)
+        if compile:
+            from flextok.compile import compile_blocks
+
+            log.info("compiled %d encoder blocks", compile_blocks(self.model.encoder))
         cfg = self.model.config
         self.image_size = int(cfg.image_size)
         self.max_tokens = int(max_tokens or cfg.num_registers)
@@ -83,12 +95,8 @@ class TokenizeBatch:
 
         x = torch.from_numpy(np.array(images, copy=True)).to(self.device)  # Arrow buffers are read-only
         x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
-        with torch.inference_mode():
-            if self.device.startswith("cuda"):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    ids = self.model.tokenize(x)
-            else:
-                ids = self.model.tokenize(x)
+        with torch.inference_mode(), precision_context(self.precision, self.device):
+            ids = self.model.tokenize(x)
         return ids[:, : self.max_tokens].cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:

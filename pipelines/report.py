@@ -48,7 +48,8 @@ def build_manifest(
         "model": info.describe(),
         "settings": {
             "max_tokens": max_tokens, "batch_size": cfg.batch_size, "files_per_shard": cfg.files_per_shard,
-            "max_pixels": cfg.max_pixels, "min_side": cfg.min_side,
+            "max_pixels": cfg.max_pixels, "min_side": cfg.min_side, "precision": cfg.precision,
+            "compile": cfg.compile,
         },
         **totals,
         "run": run,

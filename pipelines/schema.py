@@ -150,10 +150,12 @@ def file_metadata(
     max_tokens: int,
     image_size: int,
     class_names: Sequence[str] = (),
+    precision: str | None = None,
 ) -> dict[bytes, bytes]:
     """Key-value metadata stored in every token Parquet file (all values are strings).
 
-    `class_names` (the names of the `label` values, when the corpus has them) is stored as JSON.
+    `class_names` (the names of the `label` values, when the corpus has them) is stored as JSON;
+    `precision` is the encoder's compute precision (`flextok.precision`), when tokens were encoded.
     """
     values = {
         "schema_version": SCHEMA_VERSION,
@@ -166,6 +168,8 @@ def file_metadata(
     }
     if class_names:
         values["class_names"] = json.dumps([str(n) for n in class_names])
+    if precision is not None:
+        values["precision"] = precision
     return {(METADATA_PREFIX + k).encode(): v.encode() for k, v in values.items()}
 
 

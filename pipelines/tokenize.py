@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from flextok.precision import check_precision
 from pipelines import writer
 from pipelines.cluster import check_ray_address, ensure_ray
 from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_batch
@@ -36,9 +37,16 @@ log = logging.getLogger(__name__)
 
 # Settings the stored tokens depend on; a re-run on the same DST must not change them.
 TOKEN_SETTINGS = ("schema_version", "checkpoint_id", "checkpoint_sha256", "max_tokens", "image_size",
-                  "max_pixels", "min_side", "files_per_shard")
+                  "max_pixels", "min_side", "files_per_shard", "precision")
 # Those of them that come straight from the job config (checked before the model is even opened).
-_CFG_TOKEN_SETTINGS = ("max_pixels", "min_side", "files_per_shard")
+_CFG_TOKEN_SETTINGS = ("max_pixels", "min_side", "files_per_shard", "precision")
+# What outputs written before a setting was recorded used: every earlier run encoded in fp32 (the
+# CUDA path, bf16, never ran before precision was recorded).
+_UNRECORDED_SETTINGS = {"precision": "fp32"}
+
+
+def _recorded(before: Mapping[str, Any], key: str) -> Any:
+    return before.get(key, _UNRECORDED_SETTINGS.get(key))
 
 
 class IncompleteRunError(RuntimeError):
@@ -62,8 +70,11 @@ class TokenizeConfig:
     read_batch_rows: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("batch_size", "files_per_shard", "read_batch_rows", "max_pixels", "min_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -164,6 +175,7 @@ def _token_settings(info: TokenizerInfo, cfg: TokenizeConfig, max_tokens: int, p
         "max_pixels": cfg.max_pixels,
         "min_side": cfg.min_side,
         "files_per_shard": cfg.files_per_shard,
+        "precision": cfg.precision,
     }
 
 
@@ -182,11 +194,11 @@ def _check_settings(store: OutputStore, settings: dict) -> None:
         changed = ["checkpoint_sha256" if settings["checkpoint_sha256"] else "checkpoint_id"]
     else:
         changed = [k for k in TOKEN_SETTINGS if k not in ("checkpoint_id", "checkpoint_sha256")
-                   and before.get(k) != settings.get(k)]
+                   and _recorded(before, k) != settings.get(k)]
     if changed:
         k = changed[0]
         raise ValueError(
-            f"{redact_url(store.url)} holds tokens made with {k}={before.get(k)!r}, not {settings.get(k)!r}; "
+            f"{redact_url(store.url)} holds tokens made with {k}={_recorded(before, k)!r}, not {settings.get(k)!r}; "
             "use a new --output or delete the old one"
         )
 
@@ -214,7 +226,7 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
     if not pending and not vanished and store.exists(writer.MANIFEST) and store.exists(writer.RUN_FILE):
         before = store.read_json(writer.RUN_FILE)
         same = _same_model(before, *model_identity(spec)) and cfg.max_tokens in (None, before.get("max_tokens"))
-        if same and all(before.get(k) == getattr(cfg, k) for k in _CFG_TOKEN_SETTINGS):
+        if same and all(_recorded(before, k) == getattr(cfg, k) for k in _CFG_TOKEN_SETTINGS):
             log.info("nothing to do: %s is complete (%d shards)", redact_url(cfg.output), len(plan.shards))
             return TokenizeResult(cfg.output, store.read_json(writer.MANIFEST), nothing_to_do=True)
 
@@ -268,7 +280,7 @@ def _run_locked(
     meta = file_metadata(
         checkpoint_id=info.checkpoint_id, checkpoint_sha256=info.checkpoint_sha256,
         codebook_size=info.codebook_size, fsq_levels=info.fsq_levels, max_tokens=max_tokens,
-        image_size=info.image_size, class_names=plan.class_names,
+        image_size=info.image_size, class_names=plan.class_names, precision=cfg.precision,
     )
     run, stats = _execute(cfg, pending, skip, spec, info, max_tokens, meta, opts_in, opts_out, encoder_cls, markers)
     store.rm(writer.STAGING_DIR, recursive=True)
@@ -350,7 +362,8 @@ def build_dataset(
     ds = ds.map_batches(
         encoder_cls,
         fn_constructor_kwargs={"model": spec, "max_tokens": max_tokens,
-                               "num_threads": None if actors.gpus_per_actor else actors.num_threads},
+                               "num_threads": None if actors.gpus_per_actor else actors.num_threads,
+                               "precision": cfg.precision, "compile": cfg.compile},
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors.num_actors),
         **encode_args,  # Ray Data restarts killed actors and retries their batches by default
     )

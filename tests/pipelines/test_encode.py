@@ -80,3 +80,26 @@ def test_tokens_column_nulls_and_values():
     col = tokens_column(ids, np.array([True, False, True]))
     assert col.to_pylist() == [[1, 2], None, [3, 4]]
     assert col.type == pa.list_(pa.uint16())
+
+
+def test_the_actor_encodes_at_its_precision(tmp_path):
+    """TokenizeBatch(precision=...) runs the encoder under that precision: on the shipped (trained)
+    tokenizer, bf16 moves some tokens of real held-out images and fp32 none; a bad name is refused."""
+    from pathlib import Path
+
+    import flextok
+    from pipelines.corpus import build_corpus
+    from pipelines.images import read_corpus
+
+    path = str(Path(flextok.__file__).parent / "assets/fashion-mnist/tokenizer.safetensors")
+    build_corpus("fashion-mnist", tmp_path / "fm", split="test", limit=48, samples_per_shard=48)
+    images = read_corpus(str(tmp_path / "fm"), 28).images.permute(0, 2, 3, 1).numpy()
+    tokens = {}
+    for precision in ("fp32", "bf16"):
+        stage = TokenizeBatch(path, num_threads=1, precision=precision)
+        tokens[precision] = np.array(stage(_decoded(list(images))).column("tokens").to_pylist()[:-1])
+    reference = load_model(path).tokenize(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert np.array_equal(tokens["fp32"], reference.numpy())
+    assert 0 < (tokens["bf16"] != tokens["fp32"]).mean() < 0.2
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TokenizeBatch(path, precision="int8")

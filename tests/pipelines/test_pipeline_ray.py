@@ -107,9 +107,32 @@ def test_rerun_with_other_settings_is_refused(bad_run):
     with pytest.raises(ValueError, match="checkpoint"):
         run_tokenize(TokenizeConfig(input=cfg.input, output=cfg.output, model="tiny"))
     # Every setting the tokens depend on, not only the model's: a finished output is not "nothing to do".
-    for name, value in (("max_pixels", 10_000), ("min_side", 2), ("files_per_shard", 7)):
+    for name, value in (("max_pixels", 10_000), ("min_side", 2), ("files_per_shard", 7), ("precision", "bf16")):
         with pytest.raises(ValueError, match=f"holds tokens made with {name}="):
             run_tokenize(dataclasses.replace(cfg, **{name: value}))
+
+
+def test_precision_is_recorded_and_an_unrecorded_one_is_the_fp32_of_earlier_runs(bad_run, tmp_path):
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    cfg, result = bad_run
+    assert result.manifest["settings"]["precision"] == "fp32"
+    part = next(p for p in os.listdir(cfg.output) if p.startswith("part-"))
+    assert pq.read_schema(os.path.join(cfg.output, part)).metadata[b"flextok.precision"] == b"fp32"
+    # An output from before precision was recorded (its run file lacks the key) still resumes as fp32,
+    # and refuses another precision.
+    old = tmp_path / "old"
+    shutil.copytree(cfg.output, old)
+    run_file = old / "_state" / "run.json"
+    settings = json.loads(run_file.read_text())
+    del settings["precision"]
+    run_file.write_text(json.dumps(settings))
+    assert run_tokenize(dataclasses.replace(cfg, output=str(old))).nothing_to_do
+    with pytest.raises(ValueError, match="holds tokens made with precision='fp32', not 'fp16'"):
+        run_tokenize(dataclasses.replace(cfg, output=str(old), precision="fp16"))
 
 
 def test_output_inside_the_input_folder_is_refused(bad_corpus):
