@@ -106,3 +106,44 @@ def test_loading_from_disk_draws_no_progress_bar_and_leaves_the_setting_as_it_wa
     hf_logging.enable_progress_bar()
     printed = "".join(capfd.readouterr())
     assert "Loading weights" not in printed and "it/s" not in printed
+
+
+def _tiny_hf_folder(kind: str, folder, encoder):
+    """A tiny random FLAN-T5-like or CLIP model saved locally, with the packaged WordPiece tokenizer
+    (the branches under test pick the model class by `model_type`; the tokenizer is any tokenizer)."""
+    import transformers
+
+    torch.manual_seed(0)
+    vocab = encoder.tokenizer.vocab_size
+    if kind == "t5":
+        config = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                       decoder_start_token_id=0)
+        model = transformers.T5ForConditionalGeneration(config)  # what a FLAN-T5 folder holds
+    else:
+        config = transformers.CLIPConfig(
+            text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "max_position_embeddings": 64},
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 4, "image_size": 32, "patch_size": 16},
+            projection_dim=16,
+        )
+        model = transformers.CLIPModel(config)  # what a CLIP folder holds: both towers
+    model.save_pretrained(folder)
+    encoder.tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize(("kind", "tower"), [("t5", "T5EncoderModel"), ("clip", "CLIPTextModel")])
+def test_t5_and_clip_folders_load_their_text_tower(encoder, tmp_path, kind, tower):
+    full = _tiny_hf_folder(kind, tmp_path / kind, encoder).eval()
+    loaded = load_text_encoder(str(tmp_path / kind), max_length=12)
+    assert type(loaded.model).__name__ == tower and loaded.dim == 32
+    texts = ["a red heart", "snowflake on a winter night, drawn in blue"]
+    states, mask = loaded.encode(texts)
+    # The same tokens through the full model's own text half, independently of TextEncoder.
+    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    half = full.encoder if kind == "t5" else full.text_model
+    with torch.no_grad():
+        expected = half(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert torch.equal(mask, batch["attention_mask"].bool())
+    torch.testing.assert_close(states, expected * mask[..., None])

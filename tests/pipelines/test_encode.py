@@ -103,3 +103,30 @@ def test_the_actor_encodes_at_its_precision(tmp_path):
     assert 0 < (tokens["bf16"] != tokens["fp32"]).mean() < 0.2
     with pytest.raises(ValueError, match="precision must be one of"):
         TokenizeBatch(path, precision="int8")
+
+
+class PoisonedTokenizeBatch(TokenizeBatch):
+    """The real stage, except that any batch holding an image whose first pixel is (1, 2, 3) fails, as
+    a sample that crashes the model would (the real model accepts every uint8 image)."""
+
+    def _tokenize(self, images):
+        if any(tuple(img[0, 0]) == (1, 2, 3) for img in images):
+            raise RuntimeError("poison")
+        return super()._tokenize(images)
+
+
+def test_failed_batch_is_retried_row_by_row_so_one_poison_sample_is_one_error_row(tiny_checkpoint):
+    stage = PoisonedTokenizeBatch(str(tiny_checkpoint), num_threads=1)
+    images = _images(4, seed=3)
+    poison = images[2].copy()
+    poison[0, 0] = (1, 2, 3)
+    out = stage(_decoded([images[0], None, poison, images[1], images[3]]))
+    errors, stages = out.column("error").to_pylist(), out.column("stage").to_pylist()
+    assert errors[2] == "encode failed: RuntimeError: poison" and stages[2] == "encode"
+    assert errors[1] == "not an image: x" and errors[0] is errors[3] is errors[4] is None
+    model = load_model(str(tiny_checkpoint))
+    good = [images[0], images[1], images[3]]
+    x = torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    tokens = out.column("tokens").to_pylist()
+    assert [tokens[i] for i in (0, 3, 4)] == model.tokenize(x).tolist() and tokens[2] is None
+    assert (stage.num_encoded, stage.num_failed) == (3, 1)
