@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp16 ~0.2%%); recorded, and a re-run must use the same (default %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder's transformer blocks in each actor (eager where unavailable)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode JPEGs in batches on the encoder actors' GPUs (nvJPEG; needs the 'gpu' extra) instead "
+                        "of on CPU tasks; other formats, rotated and broken files still decode on CPU")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
 
@@ -82,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         min_side=args.min_side or DEFAULT_MIN_SIDE,
         precision=args.precision,
         compile=args.compile,
+        gpu_decode=args.gpu_decode,
     )
     try:
         result = run_tokenize(cfg)

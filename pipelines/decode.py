@@ -90,6 +90,28 @@ def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (left, top, left + side, top + side)
 
 
+def jpeg_for_device(data: bytes | None, cfg: DecodeConfig) -> tuple[int, int] | None:
+    """(width, height) when `data` is a JPEG that a device decoder may take instead of this module:
+    RGB or grey, no EXIF rotation, inside the size limits; read from the header alone (no pixels
+    are decoded). None leaves the sample to `decode_image`, which also names any error."""
+    if not data:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                    return None
+                width, height = img.size
+                if width * height > cfg.max_pixels or min(width, height) < cfg.min_side:
+                    return None
+                if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
+                    return None
+                return width, height
+    except Exception:  # anything odd: decode_image decides, with its one-line reasons
+        return None
+
+
 def decode_image(data: bytes | None, cfg: DecodeConfig) -> tuple[np.ndarray, int, int]:
     """Bytes -> (pixels [S, S, 3] uint8, original width, original height), or DecodeError.
 
@@ -149,8 +171,13 @@ def decode_batch(
     image_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
+    defer_jpeg: bool = False,
 ) -> pa.Table:
-    """Ray Data CPU stage: SAMPLE_SCHEMA -> DECODED_SCHEMA. Rows already in error pass through."""
+    """Ray Data CPU stage: SAMPLE_SCHEMA -> DECODED_SCHEMA. Rows already in error pass through.
+
+    With `defer_jpeg`, JPEGs that `jpeg_for_device` accepts pass through undecoded (`pixels_format`
+    "jpeg") for the encoder's GPU to decode in batches (`pipelines.gpu_decode`).
+    """
     cfg = DecodeConfig(image_size=image_size, max_pixels=max_pixels, min_side=min_side)
     images = batch.column("image").to_pylist()
     errors = batch.column("error").to_pylist()
@@ -159,9 +186,14 @@ def decode_batch(
     pixels: list[bytes | None] = []
     widths: list[int | None] = []
     heights: list[int | None] = []
+    formats: list[str | None] = [None] * len(images)
     for i, (data, index) in enumerate(zip(images, indices)):
         if errors[i] is not None or index < 0:
             pixels.append(None), widths.append(None), heights.append(None)
+            continue
+        if defer_jpeg and (size := jpeg_for_device(data, cfg)) is not None:
+            pixels.append(data), widths.append(size[0]), heights.append(size[1])
+            formats[i] = "jpeg"
             continue
         try:
             arr, width, height = decode_image(data, cfg)
@@ -179,6 +211,7 @@ def decode_batch(
         pixels=pa.array(pixels, pa.binary()),
         width=pa.array(widths, pa.int32()),
         height=pa.array(heights, pa.int32()),
+        pixels_format=pa.array(formats, pa.string()),
     )
     return pa.Table.from_pydict({name: columns[name] for name in DECODED_SCHEMA.names}, schema=DECODED_SCHEMA)
 

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flextok.precision import precision_context
+from pipelines.decode import DecodeConfig
 from pipelines.model import default_device, load_model
-from pipelines.schema import DECODED_SCHEMA, ENCODED_SCHEMA, error_message
+from pipelines.schema import ENCODED_SCHEMA, error_message
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,15 @@ class TokenizeBatch:
         precision: `flextok.precision.PRECISIONS` (default fp32: the tokens do not depend on the
             hardware; bf16/fp16 change a few % of them, see README).
         compile: torch.compile the encoder's blocks (eager where compile is unavailable).
+        decode: the `pipelines.decode.DecodeConfig` limits (max_pixels, min_side) for rows whose
+            JPEG bytes the decode stage left to this actor (`pixels_format` "jpeg", `--gpu-decode`):
+            decoded here in one batch (nvJPEG on CUDA), failures become decode error rows.
     """
 
     def __init__(
         self, model: str, *, max_tokens: int | None = None, num_threads: int | None = None,
         device: str | None = None, precision: str = "fp32", compile: bool = False,
+        decode: dict[str, int] | None = None,
     ) -> None:
         import torch
 
@@ -81,6 +86,8 @@ class TokenizeBatch:
             log.info("compiled %d encoder blocks", compile_blocks(self.model.encoder))
         cfg = self.model.config
         self.image_size = int(cfg.image_size)
+        self.decode_config = DecodeConfig(image_size=self.image_size, **(decode or {}))
+        self.warned_cpu_decode = not self.device.startswith("cpu")
         self.max_tokens = int(max_tokens or cfg.num_registers)
         if not 1 <= self.max_tokens <= cfg.num_registers:
             raise ValueError(f"max_tokens must be in 1..{cfg.num_registers}, got {self.max_tokens}")
@@ -89,23 +96,56 @@ class TokenizeBatch:
         self.num_encoded = 0
         self.num_failed = 0
 
-    def _tokenize(self, images: np.ndarray) -> np.ndarray:
-        """[B, S, S, 3] uint8 -> [B, k] token ids."""
+    def _tokenize(self, images: np.ndarray | Any) -> np.ndarray:
+        """[B, S, S, 3] uint8 (numpy, or a tensor on any device) -> [B, k] token ids."""
         import torch
 
-        x = torch.from_numpy(np.array(images, copy=True)).to(self.device)  # Arrow buffers are read-only
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.array(images, copy=True))  # Arrow buffers are read-only
+        x = images.to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
         with torch.inference_mode(), precision_context(self.precision, self.device):
             ids = self.model.tokenize(x)
         return ids[:, : self.max_tokens].cpu().numpy()
 
+    def _images(self, batch: pa.Table, valid: np.ndarray, errors: list, stages: list) -> np.ndarray | Any:
+        """The valid rows' pixels [V, S, S, 3] uint8; JPEG rows left by the decode stage are decoded
+        here on the device (their failures turn the rows invalid, with a decode error)."""
+        column = batch.column("pixels")
+        formats = batch.column("pixels_format").to_pylist()
+        deferred = [i for i in np.flatnonzero(valid) if formats[i] == "jpeg"]
+        if not deferred:
+            return pixels_to_array(column.filter(pa.array(valid)), self.image_size)
+        import torch
+
+        from pipelines.gpu_decode import decode_on_device
+
+        if not self.warned_cpu_decode:
+            log.warning("JPEGs were left to this actor to decode (--gpu-decode), but it runs on %s: decoding "
+                        "with Pillow here instead of on CPU tasks", self.device)
+            self.warned_cpu_decode = True
+
+        data = column.to_pylist()
+        decoded, _, failures = decode_on_device([data[i] for i in deferred], self.decode_config, self.device)
+        rows = {row: j for j, row in enumerate(deferred)}
+        for row, failure in zip(deferred, failures):
+            if failure is not None:
+                valid[row], errors[row], stages[row] = False, failure, "decode"
+        S = self.image_size
+        out = [
+            decoded[rows[row]] if row in rows
+            else torch.from_numpy(np.frombuffer(data[row], np.uint8).reshape(S, S, 3).copy()).to(self.device)
+            for row in np.flatnonzero(valid)
+        ]
+        return torch.stack(out) if out else torch.zeros(0, S, S, 3, dtype=torch.uint8, device=self.device)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         valid = pc.is_valid(batch.column("pixels")).to_numpy(zero_copy_only=False)
         errors = batch.column("error").to_pylist()
         stages = batch.column("stage").to_pylist()
+        images = self._images(batch, valid, errors, stages) if valid.any() else None
         ids = np.zeros((int(valid.sum()), self.max_tokens), np.int64)
         if valid.any():
-            images = pixels_to_array(batch.column("pixels").filter(pa.array(valid)), self.image_size)
             try:
                 ids = self._tokenize(images)
             except Exception as e:  # isolate the bad rows instead of failing the batch
@@ -123,7 +163,7 @@ class TokenizeBatch:
             self.num_encoded += len(ids)
         assert ids.shape[0] == valid.sum(), "token rows do not match valid rows"
         assert ids.size == 0 or (ids.min() >= 0 and ids.max() < 2**16), "token id out of uint16 range"
-        columns: dict[str, Any] = {n: batch.column(n) for n in DECODED_SCHEMA.names if n not in ("pixels",)}
+        columns: dict[str, Any] = {n: batch.column(n) for n in ENCODED_SCHEMA.names if n in batch.column_names}
         columns["error"] = pa.array(errors, pa.string())
         columns["stage"] = pa.array(stages, pa.string())
         columns["tokens"] = tokens_column(ids, valid)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -24,11 +23,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.decode import (
-    _ORIENTATION_TAG,
     DecodeConfig,
     DecodeError,
     centre_crop_box,
     decode_image,
+    jpeg_for_device,
 )
 
 # A function from JPEG byte tensors to (3, H, W) uint8 RGB tensors on the target device.
@@ -80,27 +79,6 @@ def resize_like_pillow(image: torch.Tensor, size: int, *, draft: bool = True) ->
     return x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)  # (S, S, 3)
 
 
-def _gpu_eligible(data: bytes | None, cfg: DecodeConfig) -> tuple[int, int] | None:
-    """(width, height) when `data` is a JPEG the GPU path may decode: within the limits, RGB/grey,
-    no EXIF rotation. None sends the sample to the CPU path (which also names any error)."""
-    if not data:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
-                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-                    return None
-                width, height = img.size
-                if width * height > cfg.max_pixels or min(width, height) < cfg.min_side:
-                    return None
-                if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
-                    return None
-                return width, height
-    except Exception:  # anything odd: the CPU path decides, with its one-line reasons
-        return None
-
-
 def decode_on_device(
     images: Sequence[bytes | None],
     cfg: DecodeConfig,
@@ -120,7 +98,7 @@ def decode_on_device(
     pixels = torch.zeros(len(images), S, S, 3, dtype=torch.uint8, device=device)
     sizes: list[tuple[int, int] | None] = [None] * len(images)
     errors: list[str | None] = [None] * len(images)
-    eligible = {i: wh for i, data in enumerate(images) if (wh := _gpu_eligible(data, cfg)) is not None}
+    eligible = {i: wh for i, data in enumerate(images) if (wh := jpeg_for_device(data, cfg)) is not None}
     decoded: dict[int, torch.Tensor] = {}
     if eligible:
         rows = list(eligible)

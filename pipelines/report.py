@@ -49,7 +49,7 @@ def build_manifest(
         "settings": {
             "max_tokens": max_tokens, "batch_size": cfg.batch_size, "files_per_shard": cfg.files_per_shard,
             "max_pixels": cfg.max_pixels, "min_side": cfg.min_side, "precision": cfg.precision,
-            "compile": cfg.compile,
+            "compile": cfg.compile, "gpu_decode": cfg.gpu_decode,
         },
         **totals,
         "run": run,

@@ -65,14 +65,18 @@ SAMPLE_SCHEMA = pa.schema(
 )
 
 # After decoding: `image` bytes replaced by `pixels` (H*W*3 uint8, RGB, row-major) and the size.
+# With GPU decode, a JPEG the encoder's device decodes keeps its bytes in `pixels` and has
+# `pixels_format` "jpeg" (null = RGB pixels); width and height come from its header.
 DECODED_SCHEMA = pa.schema(
     [f for f in SAMPLE_SCHEMA if f.name != "image"]
-    + [pa.field("pixels", pa.binary()), pa.field("width", pa.int32()), pa.field("height", pa.int32())]
+    + [pa.field("pixels", pa.binary()), pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+       pa.field("pixels_format", pa.string())]
 )
 
 # After encoding, and in staged pieces under DST/_state/staging/: everything a final row needs.
 ENCODED_SCHEMA = pa.schema(
-    [f for f in DECODED_SCHEMA if f.name != "pixels"] + [pa.field("tokens", pa.list_(pa.uint16()))]
+    [f for f in DECODED_SCHEMA if f.name not in ("pixels", "pixels_format")]
+    + [pa.field("tokens", pa.list_(pa.uint16()))]
 )
 
 # What the write stage returns to the driver, one row per (piece, shard).

@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 
 # Settings the stored tokens depend on; a re-run on the same DST must not change them.
 TOKEN_SETTINGS = ("schema_version", "checkpoint_id", "checkpoint_sha256", "max_tokens", "image_size",
-                  "max_pixels", "min_side", "files_per_shard", "precision")
+                  "max_pixels", "min_side", "files_per_shard", "precision", "gpu_decode")
 # Those of them that come straight from the job config (checked before the model is even opened).
-_CFG_TOKEN_SETTINGS = ("max_pixels", "min_side", "files_per_shard", "precision")
-# What outputs written before a setting was recorded used: every earlier run encoded in fp32 (the
-# CUDA path, bf16, never ran before precision was recorded).
-_UNRECORDED_SETTINGS = {"precision": "fp32"}
+_CFG_TOKEN_SETTINGS = ("max_pixels", "min_side", "files_per_shard", "precision", "gpu_decode")
+# What outputs written before a setting was recorded used: every earlier run decoded with Pillow and
+# encoded in fp32 (the CUDA path, bf16, never ran before precision was recorded).
+_UNRECORDED_SETTINGS = {"precision": "fp32", "gpu_decode": False}
 
 
 def _recorded(before: Mapping[str, Any], key: str) -> Any:
@@ -72,6 +72,7 @@ class TokenizeConfig:
     min_side: int = DEFAULT_MIN_SIDE
     precision: str = "fp32"
     compile: bool = False
+    gpu_decode: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -176,6 +177,7 @@ def _token_settings(info: TokenizerInfo, cfg: TokenizeConfig, max_tokens: int, p
         "min_side": cfg.min_side,
         "files_per_shard": cfg.files_per_shard,
         "precision": cfg.precision,
+        "gpu_decode": cfg.gpu_decode,
     }
 
 
@@ -351,7 +353,7 @@ def build_dataset(
                         fn_kwargs={"storage_options": dict(opts_in), "rows_per_batch": cfg.read_batch_rows})
     ds = ds.map_batches(decode_batch, batch_size=None, batch_format="pyarrow", num_cpus=1,
                         fn_kwargs={"image_size": info.image_size, "max_pixels": cfg.max_pixels,
-                                   "min_side": cfg.min_side})
+                                   "min_side": cfg.min_side, "defer_jpeg": cfg.gpu_decode})
     # Blocks of about one encoder batch, so encoding starts while the rest of a shard decodes. The
     # repartition also keeps Ray Data from fusing the decode tasks into the actors, where decoding
     # would queue behind encoding instead of overlapping it.
@@ -363,7 +365,8 @@ def build_dataset(
         encoder_cls,
         fn_constructor_kwargs={"model": spec, "max_tokens": max_tokens,
                                "num_threads": None if actors.gpus_per_actor else actors.num_threads,
-                               "precision": cfg.precision, "compile": cfg.compile},
+                               "precision": cfg.precision, "compile": cfg.compile,
+                               "decode": {"max_pixels": cfg.max_pixels, "min_side": cfg.min_side}},
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors.num_actors),
         **encode_args,  # Ray Data restarts killed actors and retries their batches by default
     )

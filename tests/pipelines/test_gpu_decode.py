@@ -109,3 +109,48 @@ def test_nvjpeg_decodes_like_pillow(real_images):
     cpu = pillow_decoder(data, torch.device("cpu"))
     for g, c in zip(gpu, cpu):
         assert g.shape == c.shape and (g.cpu().int() - c.int()).abs().float().mean() < 1.0
+
+
+def _samples(blobs: list[bytes]):
+    import pyarrow as pa
+
+    from pipelines.schema import SAMPLE_SCHEMA
+
+    rows = [{"shard": "s", "index": i, "total": -1, "key": f"s/{i}", "source": "u", "image": b}
+            for i, b in enumerate(blobs)]
+    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def test_decode_stage_defers_eligible_jpegs_and_the_actor_decodes_them(real_images, tiny_checkpoint):
+    """--gpu-decode end to end without Ray: the CPU stage passes eligible JPEG bytes through (size from
+    the header), the actor decodes them on its device and encodes exactly those pixels; a JPEG that
+    fails there becomes a decode error row with decode_image's message; PNGs decode on the CPU."""
+    from pipelines.decode import decode_batch
+    from pipelines.encode import TokenizeBatch
+    from pipelines.model import load_model
+
+    photo = real_images[0].open()
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    good = [_jpeg(p.open()) for p in real_images[:3]]
+    bad = good[0][:200] + b"\0" * 4000 + good[0][-2:]  # a readable header, then garbage
+    blobs = [good[0], png.getvalue(), good[1], bad, good[2]]
+    decoded = decode_batch(_samples(blobs), image_size=32, defer_jpeg=True)
+    formats = decoded.column("pixels_format").to_pylist()
+    assert formats == ["jpeg", None, "jpeg", "jpeg", "jpeg"]
+    assert decoded.column("pixels").to_pylist()[0] == good[0]
+    assert (decoded.column("width")[0].as_py(), decoded.column("height")[0].as_py()) == photo.size
+
+    stage = TokenizeBatch(str(tiny_checkpoint), num_threads=1)
+    out = stage(decoded)
+    errors = out.column("error").to_pylist()
+    assert errors[:3] == [None, None, None] and errors[4] is None
+    with pytest.raises(DecodeError) as expected:
+        decode_image(bad, DecodeConfig(image_size=32))
+    assert errors[3] == str(expected.value) and out.column("stage").to_pylist()[3] == "decode"
+    pixels, _, _ = decode_on_device([good[0], good[1], good[2]], DecodeConfig(image_size=32), "cpu")
+    png_pixels, _, _ = decode_image(png.getvalue(), DecodeConfig(image_size=32))
+    x = torch.cat([pixels[:1], torch.from_numpy(png_pixels)[None], pixels[1:]])
+    expected_ids = load_model(str(tiny_checkpoint)).tokenize(x.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    tokens = [t for t in out.column("tokens").to_pylist() if t is not None]
+    assert tokens == expected_ids.tolist()

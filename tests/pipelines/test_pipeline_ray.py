@@ -138,3 +138,17 @@ def test_precision_is_recorded_and_an_unrecorded_one_is_the_fp32_of_earlier_runs
 def test_output_inside_the_input_folder_is_refused(bad_corpus):
     with pytest.raises(ValueError, match="inside the input"):
         run_tokenize(TokenizeConfig(input=str(bad_corpus.root), output=str(bad_corpus.root / "tokens")))
+
+
+def test_gpu_decode_gives_the_same_rows_and_error_rows(bad_run, bad_corpus, tmp_path):
+    """With --gpu-decode (the actors decode JPEGs; on this CPU machine with Pillow at full size) every
+    input is still one row or one error, each with the same outcome as the CPU-decoded run."""
+    cfg, _ = bad_run
+    gpu = dataclasses.replace(cfg, output=str(tmp_path / "gpu"), gpu_decode=True)
+    result = run_tokenize(gpu)
+    rows, errors = read_output(gpu.output)
+    assert rows.num_rows + errors.num_rows == bad_corpus.num_inputs
+    assert outcome(rows, errors) == bad_corpus.expected
+    assert result.manifest["settings"]["gpu_decode"] is True
+    with pytest.raises(ValueError, match="holds tokens made with gpu_decode=True"):
+        run_tokenize(dataclasses.replace(gpu, gpu_decode=False))
