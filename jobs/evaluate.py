@@ -76,9 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-images", type=positive_int, default=1000, help="images evaluated (default %(default)s)")
     t.add_argument("--ks", type=_int_list, default=None, metavar="K1,K2,...",
                    help="token counts (default 1, 2, 4, ..., K)")
-    t.add_argument("--steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
-    t.add_argument("--guidance", type=finite_float, default=1.0, help="decoder guidance scale (default %(default)s)")
-    t.add_argument("--apg", action="store_true", help="adaptive projected guidance (the FlexTok release's decoder guidance: the guided update's part orthogonal to the conditional prediction, norm-capped, with momentum) instead of plain CFG")
+    t.add_argument("--steps", type=positive_int, help="decoder Euler steps (default: the tokenizer's; 25 for ours, "
+                   "20 for an official release)")
+    t.add_argument("--guidance", type=finite_float, help="decoder guidance scale (default: the tokenizer's; 1.0 for "
+                   "ours, 7.5 for an official release)")
+    t.add_argument("--apg", action=argparse.BooleanOptionalAction, help="adaptive projected guidance (the FlexTok "
+                   "release's decoder guidance: the guided update's part orthogonal to the conditional prediction, "
+                   "norm-capped, with momentum) instead of plain CFG (default: on for an official release only)")
     t.add_argument("--classifier", default=None, metavar="CKPT",
                    help="classifier checkpoint (from train-classifier): also report how often it gives originals "
                    "and reconstructions their true label")
@@ -210,6 +214,10 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> int:
                          storage_options=args.storage_options)
     if classifier is not None and not bool((corpus.labels >= 0).any()):
         raise ValueError(f"--classifier needs labels, and --data {args.data} has none")
+    defaults = tokenizer.detokenize_defaults  # the release's recommended settings for an official one
+    args.steps = defaults.steps if args.steps is None else args.steps
+    args.guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    args.apg = defaults.apg if args.apg is None else args.apg
     log.info("evaluating %s on %d images of %s at k = %s", tokenizer.checkpoint_id, len(corpus.keys), args.data, ks)
     result = reconstruction_metrics(
         tokenizer, corpus.images, ks, labels=corpus.labels, classifier=classifier, steps=args.steps,

@@ -111,3 +111,41 @@ def test_detokenize_latents_and_unclamped_images(release, expected, mode):
     images = release.latents_to_images(latents)  # what detokenize returns
     assert images.abs().max() > 1  # the fixture's images leave [-1, 1]: nothing clamps them
     _close(images, expected[f"detok_{mode}_images"], 1e-4)
+
+
+def _release_with(tmp_path, edit):
+    """The golden release with its config.json edited by `edit(config)` (weights linked, not copied)."""
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(GOLDEN / "release" / "model.safetensors")
+    config = json.loads((GOLDEN / "release" / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_release_config_settings_are_honoured(tmp_path):
+    def edit(config):
+        config["decoder"]["module_dict"]["dec_time_embedder"]["max_timestep"] = 1000.0
+        config["regularizer"]["levels"] = [8, 8, 8, 6, 5, 4]
+        config["vae"]["scaling_factor"] = 0.5
+
+    c = FlexTok.config_of(_release_with(tmp_path, edit))
+    assert (c.max_timestep, c.fsq.levels, c.vae.scaling_factor) == (1000.0, (8, 8, 8, 6, 5, 4), 0.5)
+    assert FlexTok.config_of(GOLDEN / "release").max_timestep == 1.0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["decoder"]["module_dict"]["dec_to_patches"].update(use_mup_readout=True), "use_mup_readout"),
+    (lambda c: c["encoder"]["module_dict"]["enc_seq_packer"].update(mask_mode="causal"), "mask_mode"),
+    (lambda c: c["decoder"]["module_dict"]["dec_registers_posemb_module"].update(posemb_type="learnable_prod"),
+     "posemb_type"),
+    (lambda c: c["decoder"]["module_dict"].update(dec_extra={"_target_": "x.Y"}), "dec_extra"),
+    (lambda c: c["decoder"].update(module_dict=dict(reversed(list(c["decoder"]["module_dict"].items())))), "order"),
+    (lambda c: c["decoder"]["module_dict"]["dec_transformer"].update(depth=3), "depth = 3"),
+])
+def test_release_config_settings_computed_differently_here_are_refused(tmp_path, edit, message):
+    from flextok import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        FlexTok.config_of(_release_with(tmp_path, edit))

@@ -247,16 +247,22 @@ def _tiny_vae_config(path=None):
                      norm_num_groups=8, scaling_factor=0.5, path=path)
 
 
-def test_latent_space_tokenizer_with_a_local_diffusers_vae(tmp_path):
+def _diffusers_vae():
+    """diffusers' AutoencoderKL with `_tiny_vae_config`'s architecture, built directly."""
     import diffusers
-    vae_dir = tmp_path / "vae"
-    torch.manual_seed(0)
+
     cfg = _tiny_vae_config()
-    ref = diffusers.AutoencoderKL(
+    return diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=cfg.block_out_channels,
-        layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
     )
+
+
+def test_latent_space_tokenizer_with_a_local_diffusers_vae(tmp_path):
+    vae_dir = tmp_path / "vae"
+    torch.manual_seed(0)
+    ref = _diffusers_vae()
     ref.save_pretrained(vae_dir, safe_serialization=True)
     m = FlexTok.from_preset("tiny", vae=_tiny_vae_config(str(vae_dir)), **SMALL)
     assert m.config.latent_size == 16 and m.config.latent_channels == 4
@@ -274,3 +280,55 @@ def test_latent_space_tokenizer_with_a_local_diffusers_vae(tmp_path):
     m.save_pretrained(tmp_path / "latent")
     again = FlexTok.from_pretrained(tmp_path / "latent")
     assert torch.equal(again.vae.vae.encoder.conv_in.weight, ref.encoder.conv_in.weight)
+
+
+def test_training_noises_the_decoders_actual_input_as_the_flow_convention_says():
+    """Inside FlexTok.forward, the decoder receives x_t = t * eps + (1 - t) * x0 and the loss is the MSE of
+    its output against eps - x0. From the decoder's actual input (x_t, t) and x0 (the pixels: no VAE),
+    eps = (x_t - (1 - t) x0) / t must be standard normal noise independent of x0, and the loss must equal
+    mean((v - (x_t - x0) / t)^2). Swapping t and 1 - t in the noising, or the sign of the target, fails."""
+    torch.manual_seed(0)
+    model = FlexTok.from_preset("tiny", **SMALL)
+    seen = {}
+
+    def hook(module, args, output):
+        seen["x_t"], seen["t"], seen["v"] = args[0].detach(), args[1].detach(), output.detach()
+
+    x0 = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    handle = model.decoder.register_forward_hook(hook)
+    try:
+        loss = model(x0, generator=torch.Generator().manual_seed(2))["loss"].item()
+    finally:
+        handle.remove()
+    t = seen["t"].view(-1, 1, 1, 1)
+    assert seen["x_t"].shape == x0.shape and bool(((t > 0) & (t <= 1)).all())
+    eps = (seen["x_t"] - (1 - t) * x0) / t
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 1) < 0.02
+    assert abs(torch.corrcoef(torch.stack([eps.flatten(), x0.flatten()]))[0, 1].item()) < 0.02
+    expected = (seen["v"] - (seen["x_t"] - x0) / t).pow(2).mean().item()
+    assert abs(loss - expected) <= 1e-5 * expected
+
+
+def test_vae_matches_diffusers_autoencoderkl_called_directly(tmp_path):
+    """Our VAE wrapper against diffusers' AutoencoderKL with the same weights, called directly: encode
+    = posterior mean x scaling factor (not a sample), decode = decoder(latents / scaling), unclamped."""
+    torch.manual_seed(0)
+    ref = _diffusers_vae().eval()
+    with torch.no_grad():  # non-trivial norms and a decoder whose output leaves [-1, 1]
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        ref.decoder.conv_out.weight.mul_(20)
+    ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    from flextok.vae import VAE
+
+    ours = VAE(_tiny_vae_config(str(tmp_path / "vae")))
+    ours.load_weights(str(tmp_path / "vae"))
+    x = _images(2)
+    with torch.no_grad():
+        expected_latents = ref.encode(x).latent_dist.mean * 0.5
+        z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+        expected_images = ref.decode(z / 0.5).sample
+    torch.testing.assert_close(ours.encode(x), expected_latents, atol=1e-6, rtol=0)
+    assert expected_images.abs().max() > 1.5
+    torch.testing.assert_close(ours.decode(z), expected_images, atol=1e-6, rtol=0)
