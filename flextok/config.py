@@ -236,8 +236,7 @@ class FlexTokConfig:
         its weights to the current adaLN chunk order (`flextok.decoder.legacy_adaln_to_official`)."""
         if "norm_eps" in data:
             return cls.from_dict(data), False
-        fsq = {**LEGACY_CONVENTIONS["fsq"], **data.get("fsq", {})}
-        return cls.from_dict({**data, **LEGACY_CONVENTIONS, "fsq": fsq}), True
+        return cls.from_dict(with_legacy_conventions(data)), True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlexTokConfig:
@@ -260,6 +259,13 @@ LEGACY_CONVENTIONS: dict[str, Any] = {
     "max_timestep": 1.0,
     "fsq": {"bound_eps": -1e-3},
 }
+
+
+def with_legacy_conventions(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config dict that predates the conventions, with `LEGACY_CONVENTIONS` filled in."""
+    fsq = data.get("fsq", {})
+    fsq = {**LEGACY_CONVENTIONS["fsq"], **fsq} if isinstance(fsq, dict) else fsq
+    return {**data, **LEGACY_CONVENTIONS, "fsq": fsq}
 
 
 def mlp_hidden_dim(dim: int) -> int:

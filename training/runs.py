@@ -117,6 +117,14 @@ def check_job_settings(store: OutputStore, settings: dict[str, Any]) -> None:
     if not store.exists(JOB_FILE):
         return
     before = store.read_json(JOB_FILE)
+    model = before.get("model")
+    if isinstance(model, dict) and model.get("kind") == "FlexTok" and isinstance(model.get("config"), dict) \
+            and "norm_eps" not in model["config"]:
+        # a tokenizer run started before the numerical conventions were recorded trained with the legacy
+        # ones: resuming it under today's would be another model, so they count as recorded
+        from flextok.config import with_legacy_conventions
+
+        before["model"] = {**model, "config": with_legacy_conventions(model["config"])}
     current = json.loads(json.dumps(settings))  # tuples -> lists, as stored
     found = _first_difference({k: before.get(k) for k in current}, current, "")
     if found:

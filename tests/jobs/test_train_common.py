@@ -202,6 +202,20 @@ def test_a_rerun_with_other_settings_is_refused_with_the_first_difference(tmp_pa
         check_job_settings(store, {**settings, "model": {"config": {"fsq": {"levels": (8, 5)}}}})
 
 
+def test_a_tokenizer_run_from_before_the_numerical_conventions_is_not_resumed_under_new_ones(tmp_path):
+    """Its job.json has no norm_eps: it trained with LayerNorm eps 1e-6, time period 10^4, FSQ bound -1e-3
+    and DiT's adaLN order; the same flags today build the official conventions, another model."""
+    store = OutputStore(str(tmp_path))
+    old = {k: v for k, v in TINY.to_dict().items() if k not in ("norm_eps", "time_max_period", "max_timestep")}
+    old["fsq"] = {"levels": list(TINY.fsq.levels)}
+    store.write_json("job.json", {"job": "train-tokenizer", "model": {"kind": "FlexTok", "config": old}})
+    now = {"job": "train-tokenizer", "model": {"kind": "FlexTok", "config": TINY.to_dict()}}
+    with pytest.raises(ValueError, match=r"model\.config\.fsq\.bound_eps=-0\.001, not 0\.001"):
+        check_job_settings(store, now)
+    legacy = TINY.replace(norm_eps=1e-6, time_max_period=1e4, fsq={"levels": TINY.fsq.levels, "bound_eps": -1e-3})
+    check_job_settings(store, {**now, "model": {"kind": "FlexTok", "config": legacy.to_dict()}})
+
+
 def test_latest_model_file_prefers_the_export_then_the_newest_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError):
         latest_model_file(tmp_path)
