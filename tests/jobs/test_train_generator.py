@@ -1,5 +1,5 @@
 """`flextok train-generator`: reading token Parquet, the loop learns for class and text conditions,
-one-line errors, a 2-worker gloo DDP run, and a text run whose RUN lives on S3."""
+one-line errors, a 2-worker gloo DDP run, and a text run whose tokens and RUN live on S3."""
 
 import json
 import math
@@ -209,13 +209,15 @@ def test_class_generator_on_two_gloo_ddp_workers(ray_local, token_data, tmp_path
 
 
 @pytest.mark.slow
-def test_text_generator_with_its_run_folder_on_s3(ray_local, s3_server, token_data, capsys):
+def test_text_generator_with_its_tokens_and_run_folder_on_s3(ray_local, s3_server, token_data, capsys):
     # A bucket made without a LocationConstraint: s3fs's mkdir sends "us-east-1", which moto refuses.
     bucket = f"gen-{uuid.uuid4().hex[:12]}"
     fs = s3_server.filesystem()
     fs.call_s3("create_bucket", Bucket=bucket)
+    for part in sorted(token_data["tokens"].glob("*.parquet")):  # the training input on S3 too
+        fs.put_file(str(part), f"{bucket}/tokens/{part.name}")
     run = f"s3://{bucket}/runs/text"
-    argv = ["--tokens", str(token_data["tokens"]), "--output", run, "--cond", "text", *SMALL, *FAST,
+    argv = ["--tokens", f"s3://{bucket}/tokens", "--output", run, "--cond", "text", *SMALL, *FAST,
             "--batch-size", "8", "--max-steps", "2", "--checkpoint-every", "1", "--grid-every", "0",
             "--storage-options", json.dumps(s3_server.storage_options)]
     assert main(argv) == 0
