@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -160,11 +161,19 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(reference, corpus, tiny_ch
     assert_same_as_reference(out, reference, corpus)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_worker_node_removed_mid_run(reference, corpus, tiny_checkpoint, tmp_path, subprocess_env):
     from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors, list_tasks
 
+    # The dashboard serves the State API, which tells afterwards where every task and actor ran.
     cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "include_dashboard": False,
+                      head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": _free_port(),
                                       "object_store_memory": 256 * 1024**2})
     worker = cluster.add_node(num_cpus=2, object_store_memory=256 * 1024**2)
     cluster.wait_for_nodes()
@@ -180,6 +189,11 @@ def test_worker_node_removed_mid_run(reference, corpus, tiny_checkpoint, tmp_pat
         log, _ = proc.communicate(timeout=400)
         assert proc.returncode == 0, log[-3000:]
         assert "2 node(s)" in log  # it did start on both nodes
+        # ... and the removed node held some of the work (tasks or encoder actors) when it went.
+        on_removed = [("node_id", "=", worker.node_id)]
+        held = list_tasks(address=cluster.address, filters=on_removed, limit=10_000, raise_on_missing_output=False)
+        held += list_actors(address=cluster.address, filters=on_removed, limit=1_000, raise_on_missing_output=False)
+        assert held, "no task or actor ran on the removed node: the test removed an idle node"
     finally:
         cluster.shutdown()
     assert_same_as_reference(out, reference, corpus)
