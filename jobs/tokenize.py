@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode JPEGs in batches on the encoder actors' GPUs (nvJPEG; needs the 'gpu' extra) instead "
                         "of on CPU tasks; other formats, rotated and broken files still decode on CPU")
+    p.add_argument("--io-attempts", type=positive_int, default=8, metavar="N",
+                   help="tries per storage operation through transient faults (resets, timeouts, throttling, "
+                   "5xx), with exponential backoff from 1 s; a shard still failing is left unfinished for a "
+                   "re-run, never recorded as bad data (default 8, about two minutes)")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
 
@@ -86,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         gpu_decode=args.gpu_decode,
+        io_attempts=args.io_attempts,
     )
     try:
         result = run_tokenize(cfg)

@@ -83,6 +83,8 @@ def summary_text(manifest: dict[str, Any], *, nothing_to_do: bool = False) -> st
     lines.append(f"  errors   {c['errors']:,}")
     for kind, n in c["errors_by_kind"].items():
         lines.append(f"           {n:>8,}  {kind}")
+    if c.get("io_retries"):
+        lines.append(f"  retried  {c['io_retries']:,} storage faults (transient; no sample lost, none counted as an error)")
     lines.append(
         f"  this run {run['samples_processed']:,} samples from {run['shards_processed']} shards "
         f"({run['shards_already_done']} already done) in {run['pipeline_time_s']:.1f} s: "

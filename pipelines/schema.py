@@ -48,7 +48,9 @@ ERROR_SCHEMA = pa.schema(
 
 # In flight between stages. `shard` + `index` (position in the input shard) identify a sample for
 # exactly-once bookkeeping; a row with index -1 is a shard's end marker carrying `total`, the number
-# of indices the shard produced. A row with `error` set is an error row from then on.
+# of indices the shard produced, and `retries`, the storage faults its reader retried. A row with
+# `error` set is an error row from then on, except the failure marker (index -1, total -1): the
+# reader gave up on the shard (storage unavailable) and `error` says why; the shard stays unfinished.
 SAMPLE_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),
@@ -61,6 +63,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("caption", pa.string()),
         pa.field("error", pa.string()),
         pa.field("stage", pa.string()),
+        pa.field("retries", pa.int32()),
     ]
 )
 
@@ -88,6 +91,8 @@ PIECE_SCHEMA = pa.schema(
         pa.field("total", pa.int64(), nullable=False),
         pa.field("num_rows", pa.int64(), nullable=False),
         pa.field("num_errors", pa.int64(), nullable=False),
+        pa.field("retries", pa.int64(), nullable=False),  # storage faults retried by the shard's reader
+        pa.field("failure", pa.string()),  # why the reader gave up on the shard (it stays unfinished)
     ]
 )
 

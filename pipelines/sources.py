@@ -4,7 +4,8 @@ Owns: input URLs of any fsspec filesystem (a folder, a glob, a brace pattern, a 
 detection (WebDataset tar shards, image folders with class sub-folders, Parquet with an image-bytes
 column), stable shard ids and sample keys, and the readers that turn one shard into `SAMPLE_SCHEMA`
 rows. A reader never raises for bad data: a missing or unreadable shard, a sample without an image, a
-duplicate key each become an error row. Does not own: credentials and filesystems
+duplicate key each become an error row. A storage fault is never data: it is retried, and a shard it
+keeps failing is left unfinished (`read_shard`; the classification is `pipelines.retry`'s). Does not own: credentials and filesystems
 (`pipelines.storage`, whose helpers are re-exported here), decoding (`pipelines.decode`), the output.
 """
 
@@ -18,6 +19,7 @@ import os
 import posixpath
 import re
 import tarfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import retry
 from pipelines.schema import error_message, sample_table
 from pipelines.storage import effective_storage_options, filesystem, redact_options, redact_url
 
@@ -489,6 +492,8 @@ def _read_parquet(shard: Shard, fs: Any, path: str, rows_per_batch: int) -> Iter
 
 
 def _read_images(shard: Shard, fs: Any, skip: frozenset[int]) -> Iterator[dict[str, Any]]:
+    """One row per file. A file that is gone or that the store refuses to read as data is an error
+    row; a storage fault (`pipelines.retry`) propagates, so that the shard is retried, not marked."""
     for i, (url, key, label) in enumerate(zip(shard.files, shard.keys, shard.labels)):
         row: dict[str, Any] = {"shard": shard.id, "key": key, "source": redact_url(url), "total": -1, "label": label}
         if i in skip:
@@ -503,9 +508,21 @@ def _read_images(shard: Shard, fs: Any, skip: frozenset[int]) -> Iterator[dict[s
                 row["image"] = data
         except FileNotFoundError:
             row.update(label=None, error=error_message("missing file", redact_url(url)), stage="read")
-        except Exception as e:  # any storage error stays with its file
+        except Exception as e:
+            if retry.classify(e) is not None:
+                raise
             row.update(label=None, error=error_message("unreadable file", f"{type(e).__name__}: {e}"), stage="read")
         yield row
+
+
+def _open_rows(shard: Shard, fs: Any, path: str, skip: frozenset[int], rows_per_batch: int):
+    if shard.format == "webdataset":
+        return _read_webdataset(shard, fs, path)
+    if shard.format == "parquet":
+        return _read_parquet(shard, fs, path, rows_per_batch)
+    if shard.format == "images":
+        return _read_images(shard, fs, skip)
+    raise AssertionError(f"unknown shard format {shard.format!r}")
 
 
 def read_shard(
@@ -514,48 +531,74 @@ def read_shard(
     *,
     skip: Iterable[int] = (),
     rows_per_batch: int = 64,
+    retry_policy: retry.RetryPolicy | None = None,
 ) -> Iterator[pa.Table]:
     """Yield SAMPLE_SCHEMA tables for one shard; the last row is its end marker (index -1).
 
     Indices are positions in the shard, stable across runs. `skip` lists indices already done (a
-    resumed run); they are not re-emitted, but they count in the end marker's `total`. Never raises
-    for bad data: a shard that cannot be opened or breaks part-way adds one error row for the rest.
+    resumed run); they are not re-emitted, but they count in the end marker's `total`.
+
+    Bad data never raises: a shard that is missing, or that breaks part-way as data (a corrupt tar,
+    Parquet without an image column), adds one error row for the rest. A storage fault is not data:
+    a transient one re-opens the shard after a backoff and carries on after the last index it
+    emitted; once `retry_policy` is spent, or at once for an environment fault (access denied), the
+    shard ends with a *failure marker* instead (index -1, total -1, `error` saying why): it is not
+    complete, so it gets no done marker and a re-run reads it again. Both markers carry `retries`.
     """
+    policy = retry_policy or retry.RetryPolicy()
     skip = frozenset(skip)
     batcher = _Batcher(rows_per_batch)
     tail: list[dict[str, Any]] = []  # a shard-level error and the end marker
-    index = 0
+    index = 0  # next index to emit: every index below it was emitted (or skipped) exactly once
+    retries = 0
+    failure: str | None = None
     fs, path = filesystem(shard.url, storage_options)
-    try:
-        if shard.format == "webdataset":
-            rows: Iterator[dict[str, Any]] = _read_webdataset(shard, fs, path)
-        elif shard.format == "parquet":
-            rows = _read_parquet(shard, fs, path, rows_per_batch)
-        elif shard.format == "images":
-            rows = _read_images(shard, fs, skip)
-        else:
-            raise AssertionError(f"unknown shard format {shard.format!r}")
-        for row in rows:
+    while True:
+        position = 0
+        try:
+            for row in _open_rows(shard, fs, path, skip | frozenset(range(index)), rows_per_batch):
+                if position >= index:
+                    if index not in skip:
+                        row["index"] = index
+                        out = batcher.add(row)
+                        if out is not None:
+                            yield out
+                    index += 1
+                position += 1
+            break
+        except FileNotFoundError:
             if index not in skip:
-                row["index"] = index
-                out = batcher.add(row)
-                if out is not None:
-                    yield out
+                tail.append(_shard_error(shard, index, "missing shard", f"{redact_url(shard.url)} does not exist"))
             index += 1
-    except FileNotFoundError:
-        if index not in skip:
-            tail.append(_shard_error(shard, index, "missing shard", f"{redact_url(shard.url)} does not exist"))
-        index += 1
-    except TruncatedShardError as e:
-        if index not in skip:
-            tail.append(_shard_error(shard, index, "truncated shard", f"{e} (after {index} samples)"))
-        index += 1
-    except Exception as e:  # a broken shard: report the rest of it as one error row
-        if index not in skip:
-            detail = f"{type(e).__name__}: {e} (after {index} samples)"
-            tail.append(_shard_error(shard, index, "unreadable shard", detail))
-        index += 1
-    tail.append({"shard": shard.id, "index": -1, "total": index, "key": "", "source": shard.source})
+            break
+        except TruncatedShardError as e:
+            if index not in skip:
+                tail.append(_shard_error(shard, index, "truncated shard", f"{e} (after {index} samples)"))
+            index += 1
+            break
+        except Exception as e:
+            kind = retry.classify(e)
+            if kind is None:  # a broken shard: report the rest of it as one error row
+                if index not in skip:
+                    detail = f"{type(e).__name__}: {e} (after {index} samples)"
+                    tail.append(_shard_error(shard, index, "unreadable shard", detail))
+                index += 1
+                break
+            if kind == retry.TRANSIENT and retries + 1 < policy.attempts:
+                wait = policy.delay(retries)
+                log.warning("shard %s: %s after %d samples; retry %d/%d in %.1f s", shard.id, retry.describe(e),
+                            index, retries + 1, policy.attempts - 1, wait)
+                retries += 1
+                time.sleep(wait)
+                continue
+            failure = error_message(f"storage unavailable after {retries + 1} attempts" if kind == retry.TRANSIENT
+                                    else "storage refused", f"({index} samples read) {retry.describe(e)}")
+            log.error("shard %s: %s; left unfinished", shard.id, failure)
+            break
+    end = {"shard": shard.id, "index": -1, "total": index, "key": "", "source": shard.source, "retries": retries}
+    if failure is not None:  # not complete: no total, so no done marker; the error says why
+        end.update(total=-1, error=failure, stage="read")
+    tail.append(end)
     batcher.buf.extend(tail)
     out = batcher.flush()
     assert out is not None, "end marker missing"
@@ -570,10 +613,11 @@ def _shard_error(shard: Shard, index: int, kind: str, detail: str) -> dict[str, 
 
 
 def read_shard_batch(batch: pa.Table, storage_options: Mapping[str, Any] | None = None,
-                     rows_per_batch: int = 64) -> Iterator[pa.Table]:
+                     rows_per_batch: int = 64, retry_policy: retry.RetryPolicy | None = None) -> Iterator[pa.Table]:
     """Ray Data read stage: rows of (`shard` JSON, `skip` indices) -> sample tables (a generator)."""
     for spec, skip in zip(batch.column("shard").to_pylist(), batch.column("skip").to_pylist()):
-        yield from read_shard(Shard.from_json(spec), storage_options, skip=skip or (), rows_per_batch=rows_per_batch)
+        yield from read_shard(Shard.from_json(spec), storage_options, skip=skip or (), rows_per_batch=rows_per_batch,
+                              retry_policy=retry_policy)
 
 
 __all__ = [

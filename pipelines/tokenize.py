@@ -28,6 +28,7 @@ from pipelines.encode import TokenizeBatch
 from pipelines.lease import Lease
 from pipelines.model import TokenizerInfo, inspect_model, model_identity, resolve_model_spec
 from pipelines.report import build_manifest, summary_text
+from pipelines.retry import RetryPolicy, StorageUnavailableError, call_with_retries, describe
 from pipelines.schema import SCHEMA_VERSION, file_metadata
 from pipelines.sources import InputPlan, read_shard_batch, resolve_inputs
 from pipelines.storage import effective_storage_options, preflight, redact_url
@@ -73,10 +74,12 @@ class TokenizeConfig:
     precision: str = "fp32"
     compile: bool = False
     gpu_decode: bool = False
+    io_attempts: int = 8  # tries per storage operation before a shard is left unfinished
+    io_retry_delay_s: float = 1.0  # first backoff; doubles per retry, jittered, capped at 30 s
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        for name in ("batch_size", "files_per_shard", "read_batch_rows", "max_pixels", "min_side"):
+        for name in ("batch_size", "files_per_shard", "read_batch_rows", "max_pixels", "min_side", "io_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_tokens", "num_actors"):
@@ -89,6 +92,13 @@ class TokenizeConfig:
             raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         if not self.input or not self.output:
             raise ValueError("input and output must be given")
+        if self.io_retry_delay_s < 0:
+            raise ValueError(f"io_retry_delay_s must be >= 0, got {self.io_retry_delay_s}")
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.io_attempts, base_delay_s=self.io_retry_delay_s,
+                           max_delay_s=max(30.0, self.io_retry_delay_s))
 
 
 @dataclass(frozen=True)
@@ -214,8 +224,9 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
     check_ray_address()
     preflight(cfg.input, opts_in)
     preflight(cfg.output, opts_out)
-    plan = resolve_inputs(cfg.input, opts_in, files_per_shard=cfg.files_per_shard)
-    store = OutputStore(cfg.output, opts_out)
+    plan = call_with_retries(lambda: resolve_inputs(cfg.input, opts_in, files_per_shard=cfg.files_per_shard),
+                             policy=cfg.retry_policy, what=f"listing {redact_url(cfg.input)}")
+    store = OutputStore(cfg.output, opts_out, cfg.retry_policy)
     if store.fs.isfile(store.root):
         raise ValueError(f"--output {redact_url(cfg.output)} is a file; name a folder (new or from an earlier run)")
     _check_layout(plan, store)
@@ -306,6 +317,8 @@ class ShardTracker:
         self.totals: dict[str, int] = {}
         self.completed: list[str] = []
         self.done_counts: dict[str, int] = {}
+        self.retries: dict[str, int] = {}  # storage faults retried by each shard's reader, this run
+        self.failures: dict[str, str] = {}  # shards whose reader gave up (storage unavailable), and why
 
     def update(self, record: Mapping[str, Any]) -> bool:
         """Take one write-stage record; True when this record completes its shard."""
@@ -315,11 +328,16 @@ class ShardTracker:
         if sid in self.done_counts:
             return False  # a late duplicate of a finished shard
         self.seen[sid].update(record["indices"])
+        if record["retries"]:
+            self.retries[sid] = self.retries.get(sid, 0) + record["retries"]
+        if record["failure"]:
+            self.failures[sid] = record["failure"]
         if record["total"] >= 0:
             self.totals[sid] = record["total"]
         if sid in self.totals and len(self.seen[sid]) >= self.totals[sid]:
             assert max(self.seen[sid], default=-1) < self.totals[sid], f"shard {sid}: index beyond its total"
             self.completed.append(sid)
+            self.failures.pop(sid, None)  # a re-executed read task got through after all
             self.done_counts[sid] = len(self.seen[sid])
             self.seen[sid] = set()
             return True
@@ -335,7 +353,8 @@ class ShardTracker:
         return [sid for sid in self.seen if sid not in self.done_counts]
 
     def describe(self, sid: str) -> str:
-        return f"{sid} ({len(self.seen[sid])}/{self.totals.get(sid, '?')})"
+        why = f": {self.failures[sid]}" if sid in self.failures else ""
+        return f"{sid} ({len(self.seen[sid])}/{self.totals.get(sid, '?')}){why}"
 
 
 def build_dataset(
@@ -350,7 +369,8 @@ def build_dataset(
     items = [{"shard": s.to_json(), "skip": sorted(skip.get(s.id, ()))} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                        fn_kwargs={"storage_options": dict(opts_in), "rows_per_batch": cfg.read_batch_rows})
+                        fn_kwargs={"storage_options": dict(opts_in), "rows_per_batch": cfg.read_batch_rows,
+                                   "retry_policy": cfg.retry_policy})
     ds = ds.map_batches(decode_batch, batch_size=None, batch_format="pyarrow", num_cpus=1,
                         fn_kwargs={"image_size": info.image_size, "max_pixels": cfg.max_pixels,
                                    "min_side": cfg.min_side, "defer_jpeg": cfg.gpu_decode})
@@ -395,7 +415,8 @@ def _execute(
         "cluster": {"nodes": len(nodes), "cpus": resources.get("CPU", 0.0), "gpus": resources.get("GPU", 0.0)},
         "actors": actors.num_actors, "cpus_per_actor": actors.cpus_per_actor,
         "gpus_per_actor": actors.gpus_per_actor, "batch_size": cfg.batch_size,
-        "shards_processed": len(pending), "samples_processed": 0, "pipeline_time_s": 0.0, "images_per_s": 0.0,
+        "shards_processed": len(pending), "samples_processed": 0, "io_retries": 0, "pipeline_time_s": 0.0,
+        "images_per_s": 0.0,
     }
     if not pending:
         return run, ""
@@ -408,13 +429,17 @@ def _execute(
     refs: dict[str, Any] = {}
     start = time.perf_counter()
     first_output = None  # seconds until the first rows were written: start-up (actors, model load)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if first_output is None:
-            first_output = time.perf_counter() - start
-        for record in batch.to_pylist():
-            if tracker.update(record):
-                sid = record["shard"]
-                refs[sid] = finalize.remote(cfg.output, opts_out, by_id[sid].to_json(), tracker.totals[sid], meta)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if first_output is None:
+                first_output = time.perf_counter() - start
+            for record in batch.to_pylist():
+                if tracker.update(record):
+                    sid = record["shard"]
+                    refs[sid] = finalize.remote(cfg.output, opts_out, by_id[sid].to_json(), tracker.totals[sid],
+                                                meta, retries=tracker.retries.get(sid, 0))
+    except StorageUnavailableError as e:  # a write task's retries ran out (Ray re-raises it as its cause)
+        raise IncompleteRunError(f"writing stopped: {describe(e)}; re-run the same command to finish") from e
     failed = []
     for sid, ref in refs.items():
         try:
@@ -428,6 +453,7 @@ def _execute(
         detail = ", ".join(tracker.describe(sid) for sid in unfinished[:5])
         raise IncompleteRunError(f"{len(unfinished)} shards unfinished: {detail}; re-run the same command to finish")
     run.update(samples_processed=tracker.processed, pipeline_time_s=round(elapsed, 3),
+               io_retries=sum(tracker.retries.values()),
                first_output_s=round(first_output or 0.0, 3),
                images_per_s=round(tracker.processed / elapsed, 2) if elapsed > 0 else 0.0)
     stats = ds.stats()

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.retry import RetryPolicy, call_with_retries
 from pipelines.schema import (
     ENCODED_SCHEMA,
     PIECE_SCHEMA,
@@ -71,13 +72,19 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 class OutputStore:
-    """DST on any fsspec filesystem, with atomic whole-file writes."""
+    """DST on any fsspec filesystem, with atomic whole-file writes. Every call is retried through
+    transient storage faults (`pipelines.retry`); all of them are idempotent (whole-file PUTs)."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+                 retry_policy: RetryPolicy | None = None):
         self.url = url.rstrip("/")
         self.fs, root = filesystem(self.url, storage_options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.retry_policy = retry_policy or RetryPolicy()
+
+    def _retried(self, what: str, fn, *args, **kwargs):
+        return call_with_retries(lambda: fn(*args, **kwargs), policy=self.retry_policy, what=what)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -90,8 +97,8 @@ class OutputStore:
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+        else:  # one PUT: the object appears whole or not at all
+            self._retried(f"writing {rel}", self.fs.pipe_file, path, data)
 
     def create(self, rel: str, data: bytes) -> bool:
         """Write `rel` only if it does not exist (atomically where the storage can); True if written."""
@@ -122,18 +129,18 @@ class OutputStore:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self._retried(f"reading {rel}", self.fs.cat_file, self.path(rel))
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self._retried(f"looking for {rel}", self.fs.exists, self.path(rel))
 
     def listdir(self, rel: str) -> list[str]:
         """Names of visible files directly in `rel` (none if it does not exist)."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=True)
+            entries = self._retried(f"listing {rel or '.'}", self.fs.ls, self.path(rel), detail=True)
         except FileNotFoundError:
             return []
         names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") != "directory"]
@@ -141,7 +148,7 @@ class OutputStore:
 
     def rm(self, rel: str, recursive: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self.path(rel), recursive=recursive)
+            self._retried(f"removing {rel}", self.fs.rm, self.path(rel), recursive=recursive)
 
     def invalidate(self) -> None:
         self.fs.invalidate_cache()
@@ -177,6 +184,10 @@ def write_pieces(batch: pa.Table, store: OutputStore) -> pa.Table:
         records["total"].append(int(totals[ends].max()) if ends.any() else -1)
         records["num_rows"].append(int((rows & ~has_error).sum()))
         records["num_errors"].append(int((rows & has_error).sum()))
+        ends_at = np.flatnonzero(ends)
+        records["retries"].append(sum(int(r or 0) for r in batch.column("retries").take(ends_at).to_pylist()))
+        failures = [e for e in batch.column("error").take(ends_at).to_pylist() if e]
+        records["failure"].append(failures[0] if failures else None)
     return pa.Table.from_pydict(records, schema=PIECE_SCHEMA)
 
 
@@ -225,9 +236,10 @@ def merge_staged(store: OutputStore, shard_id: str, total: int) -> pa.Table:
 
 
 def finalize_shard(
-    store: OutputStore, shard: Shard, total: int, metadata: Mapping[bytes, bytes]
+    store: OutputStore, shard: Shard, total: int, metadata: Mapping[bytes, bytes], *, retries: int = 0,
 ) -> dict[str, Any]:
-    """Merge a complete shard into its part files, then write its marker, then drop its staging."""
+    """Merge a complete shard into its part files, then write its marker, then drop its staging.
+    `retries`: storage faults its reader retried in the run that completed it (for the manifest)."""
     table = merge_staged(store, shard.id, total)
     tokens = token_rows(table).replace_schema_metadata(dict(metadata))
     errors = error_rows(table)
@@ -251,6 +263,7 @@ def finalize_shard(
         "errors_by_stage": dict(Counter(errors.column("stage").to_pylist())),
         "token_length_histogram": {str(k): v for k, v in sorted(lengths.items())},
         "files": files,
+        "retries": retries,
     }
     assert marker["rows"] + marker["errors"] == total, f"shard {shard.id}: rows + errors != inputs"
     store.write_json(f"{DONE_DIR}/{shard.id}.json", marker)
@@ -260,16 +273,17 @@ def finalize_shard(
 
 def finalize_shard_task(
     output: str, storage_options: Mapping[str, Any] | None, shard_json: str, total: int,
-    metadata: Mapping[bytes, bytes],
+    metadata: Mapping[bytes, bytes], retries: int = 0,
 ) -> dict[str, Any]:
     """`finalize_shard` with plain arguments, for a remote task."""
-    return finalize_shard(OutputStore(output, storage_options), Shard.from_json(shard_json), total, metadata)
+    return finalize_shard(OutputStore(output, storage_options), Shard.from_json(shard_json), total, metadata,
+                          retries=retries)
 
 
 def load_markers(store: OutputStore) -> dict[str, dict[str, Any]]:
     """Completion markers by shard id (fetched concurrently on object stores)."""
     paths = [store.path(f"{DONE_DIR}/{n}") for n in store.listdir(DONE_DIR) if n.endswith(".json")]
-    contents = store.fs.cat(paths) if paths else {}
+    contents = store._retried("reading done markers", store.fs.cat, paths) if paths else {}
     markers = {}
     for path, data in contents.items():
         try:
@@ -313,6 +327,7 @@ def aggregate(markers: list[dict[str, Any]]) -> dict[str, Any]:
         "inputs": sum(m["inputs"] for m in markers),
         "rows": sum(m["rows"] for m in markers),
         "errors": sum(m["errors"] for m in markers),
+        "io_retries": sum(m.get("retries", 0) for m in markers),  # storage faults retried, not data
         "errors_by_kind": dict(kinds.most_common()),
         "errors_by_stage": dict(sorted(stages.items())),
     }

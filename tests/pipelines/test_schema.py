@@ -40,7 +40,7 @@ def _encoded() -> pa.Table:
         "label": [3, None, 1], "caption": ["cat", None, None],
         "error": [None, error_message("not an image", "unrecognised image format"), None],
         "stage": [None, "decode", None], "width": [640, None, 10], "height": [480, None, 20],
-        "tokens": [[1, 2, 3], None, [7, 8]],
+        "tokens": [[1, 2, 3], None, [7, 8]], "retries": [None] * 3,
     }
     return pa.Table.from_pydict(rows, schema=ENCODED_SCHEMA)
 
