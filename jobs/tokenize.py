@@ -31,15 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "or Parquet with an image-bytes column (Hugging Face `image.bytes`)")
     p.add_argument("--output", required=True, metavar="DST", help="fsspec URL of the output folder")
     p.add_argument("--model", default=None, metavar="CKPT",
-                   help="tokenizer: a checkpoint of ours, an official FlexTok release folder, or a preset name "
-                   "(tiny, d12_d12, ...; RANDOM weights, for tests). Default: the bundled tiny tokenizer")
+                   help="tokenizer: a checkpoint of ours (a path, or a file or run folder at any fsspec URL such as "
+                   "s3://...: fetched once per node, checked by sha256), an official FlexTok release folder, or "
+                   "a preset name (tiny, d12_d12, ...; RANDOM weights, for tests). Default: the bundled tiny tokenizer")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="K",
                    help="store the first K tokens of each image (1..model K; default all)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per encoder call")
     p.add_argument("--actors", type=positive_int, default=None, metavar="N",
-                   help="encoder actors (default: one per GPU; on CPU half the cluster's CPUs)")
+                   help="encoder actors the job wants (default: one per GPU up; on CPU half the cluster's CPUs). "
+                   "On an autoscaling cluster with fewer GPUs up, the pool starts with what is up (at least "
+                   "one actor, waiting for the first GPU node) and grows to N as the autoscaler adds nodes")
     p.add_argument("--gpus-per-actor", type=non_negative_float, default=None, metavar="F",
-                   help="GPUs per encoder actor (default 1 when the cluster has GPUs; 0 forces CPU)")
+                   help="GPUs per encoder actor (default 1 when the cluster has GPUs; 0 forces CPU). Given on a "
+                   "cluster with no GPU node up yet, the job waits for the autoscaler to add one")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where the encoder actors compute. Default: CUDA on actors that hold a GPU (an error "
+                   "if their CUDA is unavailable, never a silent CPU run), CPU otherwise; 'cpu' on GPU actors "
+                   "tokenizes on CPU on purpose (e.g. fake-GPU test nodes)")
     p.add_argument("--cpus-per-actor", type=positive_float, default=None, metavar="F",
                    help="CPUs reserved per encoder actor; its torch threads are this rounded up. Default: "
                    "1 thread, reserving 1 CPU, or less on a multi-node CPU cluster so that losing a node "
@@ -91,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         compile=args.compile,
         gpu_decode=args.gpu_decode,
         io_attempts=args.io_attempts,
+        device=args.device,
     )
     try:
         result = run_tokenize(cfg)

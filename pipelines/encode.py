@@ -10,6 +10,7 @@ row by row so that one poison sample becomes one error row. Does not own: decodi
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -54,10 +55,13 @@ class TokenizeBatch:
     """Ray Data actor stage: DECODED_SCHEMA -> ENCODED_SCHEMA (pixels dropped, tokens added).
 
     Args:
-        model: what `pipelines.model.load_model` takes (checkpoint path or preset name).
+        model: what `pipelines.model.load_model` takes (checkpoint path or URL, or preset name).
         max_tokens: store the first k tokens (1..K); None = all K.
         num_threads: torch CPU threads (the actor's CPU share); None leaves torch's default.
-        device: 'cuda' / 'cpu'; None = CUDA when this actor sees a GPU.
+        storage_options, sha256: for a checkpoint URL: how to reach it, and the digest the driver
+            checked (fetched once per node into a cache; a copy with another digest is an error).
+        device: 'cuda' (an error if CUDA is unavailable: a GPU actor never falls back to CPU silently)
+            / 'cpu'; None = CUDA when this actor sees a GPU.
         precision: `flextok.precision.PRECISIONS` (default fp32: the tokens do not depend on the
             hardware; bf16/fp16 change a few % of them, see README).
         compile: torch.compile the encoder's blocks (eager where compile is unavailable).
@@ -69,7 +73,8 @@ class TokenizeBatch:
     def __init__(
         self, model: str, *, max_tokens: int | None = None, num_threads: int | None = None,
         device: str | None = None, precision: str = "fp32", compile: bool = False,
-        decode: dict[str, int] | None = None,
+        decode: dict[str, int] | None = None, storage_options: dict[str, Any] | None = None,
+        sha256: str | None = None,
     ) -> None:
         import torch
 
@@ -79,7 +84,14 @@ class TokenizeBatch:
             torch.set_num_threads(num_threads)
         self.device = device or default_device()
         self.precision = check_precision(precision)
-        self.model = load_model(model, device=self.device)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise RuntimeError(
+                f"this encoder actor holds a GPU (CUDA_VISIBLE_DEVICES={visible}) but torch sees no CUDA "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); fix the node's driver/torch, "
+                "or pass --device cpu to tokenize on CPU on purpose"
+            )
+        self.model = load_model(model, device=self.device, storage_options=storage_options, sha256=sha256)
         if compile:
             from flextok.compile import compile_blocks
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ def resolve_model_spec(spec: str | None, *, keep_relative: bool = False) -> str:
     if is_preset(spec):
         log.warning("model: preset %r with RANDOM weights (seed %d)", spec, PRESET_SEED)
         return spec
+    if is_remote(spec):  # stays a URL: each node fetches it into its own cache
+        return spec
     path = Path(spec).expanduser()
     if not path.exists():
         from flextok import TOKENIZER_PRESETS
@@ -71,12 +74,31 @@ def resolve_model_spec(spec: str | None, *, keep_relative: bool = False) -> str:
     return str(path) if keep_relative else str(path.resolve())
 
 
-def load_model(spec: str, device: str | None = None):
+def is_remote(spec: str) -> bool:
+    """A model at an fsspec URL other than the local filesystem (s3://, gs://, https://, ...)."""
+    import fsspec
+
+    return "://" in spec and fsspec.utils.get_protocol(spec) not in ("file", "local")
+
+
+def local_checkpoint(spec: str, storage_options: Mapping[str, Any] | None = None, sha256: str | None = None) -> str:
+    """A remote checkpoint -> its copy in this node's cache (downloaded once per node, checked against
+    `sha256` when given); local paths and presets unchanged."""
+    if not is_remote(spec):
+        return spec
+    from pipelines.storage import fetch_checkpoint
+
+    return fetch_checkpoint(spec, storage_options, sha256=sha256)
+
+
+def load_model(spec: str, device: str | None = None, *, storage_options: Mapping[str, Any] | None = None,
+               sha256: str | None = None):
     """A `FlexTok` in eval mode. Presets are built under a fixed seed: identical in every actor."""
     import torch
 
     from flextok import load_tokenizer
 
+    spec = local_checkpoint(spec, storage_options, sha256)
     if is_preset(spec):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRESET_SEED)
@@ -128,19 +150,26 @@ class TokenizerInfo:
         }
 
 
-def model_identity(spec: str) -> tuple[str, str | None]:
-    """(checkpoint id, sha256) of a resolved spec without loading it, as `FlexTok` would report them."""
+def model_identity(spec: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
+    """(checkpoint id, sha256) of a resolved spec without loading it, as `FlexTok` would report them.
+    A remote checkpoint is named by its URL (without credentials); its sha256 is of the bytes fetched."""
     if is_preset(spec):
         return f"preset:{spec}", None
     from flextok.checkpoint import file_sha256
 
+    if is_remote(spec):
+        from pipelines.storage import redact_url
+
+        return redact_url(spec), file_sha256(local_checkpoint(spec, storage_options))
     return spec, file_sha256(spec)
 
 
-def inspect_model(spec: str) -> TokenizerInfo:
+def inspect_model(spec: str, storage_options: Mapping[str, Any] | None = None) -> TokenizerInfo:
     """Load once on the driver (CPU) to learn sizes and ids; fails early with a one-line error."""
-    model = load_model(spec, device="cpu")
+    model = load_model(spec, device="cpu", storage_options=storage_options)
     info = TokenizerInfo.from_model(model, spec)
+    if is_remote(spec):  # the URL, not this node's cache path, names the model
+        info = replace(info, checkpoint_id=model_identity(spec, storage_options)[0])
     del model
     return info
 

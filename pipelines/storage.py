@@ -132,17 +132,26 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
 MODEL_FILE = "model.safetensors"
 
 
-def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None, *, cache_dir: str | None = None) -> str:
+def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None, *, cache_dir: str | None = None,
+                     sha256: str | None = None) -> str:
     """A checkpoint file or run folder at any fsspec URL -> a local path the loaders can read.
 
     Local paths come back unchanged (a folder stays a folder: the loaders pick its checkpoint). A
     remote `.safetensors` file is downloaded; a remote run folder gives its `model.safetensors` when
     finished, else the newest `checkpoint_*/model.safetensors`. Downloads are cached under
     `cache_dir` (default `$XDG_CACHE_HOME/flextok/checkpoints`) by URL, size and ETag/mtime, and land
-    under a temporary name first, so an interrupted download is never taken for a checkpoint.
+    under a temporary name first, so an interrupted download is never taken for a checkpoint. A lock
+    file makes the processes of one node (every encoder actor) download it once, the others wait.
+    With `sha256`, the cached file must have that digest (a copy that does not is fetched again; one
+    that still does not is an error): every actor of a job then loads the bytes the driver checked.
+    Storage calls are retried through transient faults (`pipelines.retry`).
     """
+    import fcntl
     import hashlib
     import posixpath
+
+    from flextok.checkpoint import file_sha256
+    from pipelines.retry import call_with_retries
 
     protocol = fsspec.utils.get_protocol(url)
     if protocol in ("file", "local"):
@@ -150,24 +159,37 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
     opts = effective_storage_options(url, storage_options)
     fs, path = filesystem(url, opts)
     path = path.rstrip("/")
-    if not fs.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {redact_url(url)}")
-    if fs.isdir(path):
-        top = f"{path}/{MODEL_FILE}"
-        if fs.exists(top):
-            path = top
-        else:
-            found = sorted(fs.glob(f"{path}/checkpoint_*/{MODEL_FILE}"))
-            if not found:
-                raise FileNotFoundError(f"no {MODEL_FILE} in run folder {redact_url(url)} or its checkpoints")
-            path = found[-1]
-    info = fs.info(path)
+
+    def locate() -> tuple[str, dict]:
+        target = path
+        if not fs.exists(target):
+            raise FileNotFoundError(f"checkpoint not found: {redact_url(url)}")
+        if fs.isdir(target):
+            top = f"{target}/{MODEL_FILE}"
+            if fs.exists(top):
+                target = top
+            else:
+                found = sorted(fs.glob(f"{target}/checkpoint_*/{MODEL_FILE}"))
+                if not found:
+                    raise FileNotFoundError(f"no {MODEL_FILE} in run folder {redact_url(url)} or its checkpoints")
+                target = found[-1]
+        return target, fs.info(target)
+
+    path, info = call_with_retries(locate, what=f"looking up {redact_url(url)}")
     stamp = f"{protocol}://{path}|{info.get('size')}|{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
     root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flextok", "checkpoints")
     local = os.path.join(root, hashlib.sha256(stamp.encode()).hexdigest()[:24], posixpath.basename(path))
-    if not os.path.isfile(local):
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.part-{os.getpid()}"
-        fs.get(path, tmp)
-        os.replace(tmp, local)
-    return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(f"{local}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; released when the file closes
+        for attempt in range(2):
+            if not os.path.isfile(local):
+                tmp = f"{local}.part-{os.getpid()}"
+                call_with_retries(lambda: fs.get(path, tmp), what=f"downloading {redact_url(url)}")
+                os.replace(tmp, local)
+            if sha256 is None or file_sha256(local) == sha256:
+                return local
+            os.remove(local)  # a corrupt or replaced copy: fetch once more
+        raise ValueError(f"{redact_url(url)} does not have the sha256 {sha256[:12]}... the job started with "
+                         "(was it replaced during the run?)")
+

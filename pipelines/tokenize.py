@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pipelines.cluster import check_ray_address, ensure_ray
 from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_batch
 from pipelines.encode import TokenizeBatch
 from pipelines.lease import Lease
-from pipelines.model import TokenizerInfo, inspect_model, model_identity, resolve_model_spec
+from pipelines.model import TokenizerInfo, inspect_model, is_remote, model_identity, resolve_model_spec
 from pipelines.report import build_manifest, summary_text
 from pipelines.retry import RetryPolicy, StorageUnavailableError, call_with_retries, describe
 from pipelines.schema import SCHEMA_VERSION, file_metadata
@@ -74,6 +75,7 @@ class TokenizeConfig:
     precision: str = "fp32"
     compile: bool = False
     gpu_decode: bool = False
+    device: str | None = None  # None: CUDA on GPU actors (required), CPU otherwise; "cpu" forces CPU
     io_attempts: int = 8  # tries per storage operation before a shard is left unfinished
     io_retry_delay_s: float = 1.0  # first backoff; doubles per retry, jittered, capped at 30 s
 
@@ -92,6 +94,8 @@ class TokenizeConfig:
             raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         if not self.input or not self.output:
             raise ValueError("input and output must be given")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.io_retry_delay_s < 0:
             raise ValueError(f"io_retry_delay_s must be >= 0, got {self.io_retry_delay_s}")
 
@@ -103,10 +107,21 @@ class TokenizeConfig:
 
 @dataclass(frozen=True)
 class ActorPlan:
+    """The encoder pool: between `min_actors` and `num_actors` (the most the job wants) actors."""
+
     num_actors: int
     cpus_per_actor: float  # what each actor reserves from Ray's scheduler
     gpus_per_actor: float
     num_threads: int  # torch CPU threads per actor
+    min_actors: int | None = None  # None: a fixed pool of num_actors
+
+    @property
+    def smallest(self) -> int:
+        return self.num_actors if self.min_actors is None else self.min_actors
+
+    @property
+    def autoscales(self) -> bool:
+        return self.smallest < self.num_actors
 
 
 def plan_actors(
@@ -115,23 +130,32 @@ def plan_actors(
 ) -> ActorPlan:
     """Size the encoder pool: one actor per GPU, or on CPU-only clusters half the CPUs.
 
+    GPU pools describe what the job wants, not what is up now: `--actors N` with fewer GPUs up
+    (an autoscaling cluster that starts with no GPU node) gives a pool that starts with the actors
+    the GPUs up can hold (at least one, which waits for the first GPU node) and grows to N as GPU
+    nodes join; the pending actors are the demand the Ray autoscaler launches nodes for. With all
+    the GPUs there, or without `--actors`, the pool is fixed (one actor per GPU up).
+
     Read/decode tasks must always find a CPU: a pool holding every CPU starves them and the job hangs.
-    Ray restarts the actors of a lost node elsewhere, so by default the pool reserves at most what
+    Ray restarts the actors of a lost node elsewhere, so by default a CPU pool reserves at most what
     the cluster keeps after losing its largest node, minus one CPU (an actor then reserves a fraction
     of the CPU its thread uses). An explicit `cpus_per_actor` is reserved as given.
     """
-    if gpus_per_actor and cluster_gpus <= 0:
-        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} but the Ray cluster has no GPUs")
-    use_gpus = cluster_gpus > 0 and gpus_per_actor != 0
     threads = max(1, math.ceil(cpus_per_actor or 1.0))
-    if use_gpus:
+    if gpus_per_actor or (cluster_gpus > 0 and gpus_per_actor != 0):
         gpus = gpus_per_actor or 1.0
-        actors = num_actors or max(1, int(cluster_gpus // gpus))
-        if actors * gpus > cluster_gpus + 1e-9:
-            raise ValueError(f"--actors {actors} x --gpus-per-actor {gpus:g} exceeds the cluster's {cluster_gpus:g} GPUs")
-    else:
-        gpus = 0.0
-        actors = num_actors or max(1, int(cluster_cpus / 2 // threads))
+        up = int(cluster_gpus / gpus + 1e-9)  # actors the GPUs up now can hold
+        wanted = num_actors or max(1, up)
+        if up >= wanted:  # everything is there: a fixed pool, checked against the CPUs up
+            return _fixed_plan(cluster_cpus, largest_node_cpus, wanted, cpus_per_actor, gpus, threads)
+        # GPU nodes bring their own CPUs: the CPUs up now say nothing about them.
+        return ActorPlan(wanted, round(cpus_per_actor or 1.0, 3), gpus, threads, min_actors=max(1, up))
+    actors = num_actors or max(1, int(cluster_cpus / 2 // threads))
+    return _fixed_plan(cluster_cpus, largest_node_cpus, actors, cpus_per_actor, 0.0, threads)
+
+
+def _fixed_plan(cluster_cpus: float, largest_node_cpus: float | None, actors: int, cpus_per_actor: float | None,
+                gpus: float, threads: int) -> ActorPlan:
     if cpus_per_actor is not None:
         cpus = cpus_per_actor
     else:
@@ -232,18 +256,19 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
     _check_layout(plan, store)
     # A relative checkpoint path stays relative on a cluster (`ray job submit --working-dir`).
     spec = resolve_model_spec(cfg.model, keep_relative=bool(os.environ.get("RAY_ADDRESS")))
+    opts_model = effective_storage_options(spec, cfg.storage_options) if is_remote(spec) else {}
     markers = writer.load_markers(store)
     done = {s.id for s in plan.shards if markers.get(s.id, {}).get("fingerprint") == s.fingerprint}
     pending = [s for s in plan.shards if s.id not in done]
     vanished = writer.vanished_shards(store, {s.id for s in plan.shards}, markers)
     if not pending and not vanished and store.exists(writer.MANIFEST) and store.exists(writer.RUN_FILE):
         before = store.read_json(writer.RUN_FILE)
-        same = _same_model(before, *model_identity(spec)) and cfg.max_tokens in (None, before.get("max_tokens"))
+        same = _same_model(before, *model_identity(spec, opts_model)) and cfg.max_tokens in (None, before.get("max_tokens"))
         if same and all(_recorded(before, k) == getattr(cfg, k) for k in _CFG_TOKEN_SETTINGS):
             log.info("nothing to do: %s is complete (%d shards)", redact_url(cfg.output), len(plan.shards))
             return TokenizeResult(cfg.output, store.read_json(writer.MANIFEST), nothing_to_do=True)
 
-    info = inspect_model(spec)
+    info = inspect_model(spec, opts_model)
     max_tokens = cfg.max_tokens or info.num_registers
     if max_tokens > info.num_registers:
         raise ValueError(f"--max-tokens {max_tokens} exceeds the model's {info.num_registers} tokens")
@@ -328,9 +353,9 @@ class ShardTracker:
         if sid in self.done_counts:
             return False  # a late duplicate of a finished shard
         self.seen[sid].update(record["indices"])
-        if record["retries"]:
+        if record.get("retries"):
             self.retries[sid] = self.retries.get(sid, 0) + record["retries"]
-        if record["failure"]:
+        if record.get("failure"):
             self.failures[sid] = record["failure"]
         if record["total"] >= 0:
             self.totals[sid] = record["total"]
@@ -355,6 +380,20 @@ class ShardTracker:
     def describe(self, sid: str) -> str:
         why = f": {self.failures[sid]}" if sid in self.failures else ""
         return f"{sid} ({len(self.seen[sid])}/{self.totals.get(sid, '?')}){why}"
+
+
+def _device_kwargs(cfg: TokenizeConfig, actors: ActorPlan) -> dict[str, str]:
+    """A GPU actor computes on CUDA, and fails if it has none, unless the user asked for CPU."""
+    if cfg.device is not None:
+        return {"device": cfg.device}
+    return {"device": "cuda"} if actors.gpus_per_actor else {}
+
+
+def _remote_model_kwargs(spec: str, cfg: TokenizeConfig, info: TokenizerInfo) -> dict[str, Any]:
+    """A checkpoint URL: the actors fetch it (once per node) and check it is what the driver read."""
+    if not is_remote(spec):
+        return {}
+    return {"storage_options": effective_storage_options(spec, cfg.storage_options), "sha256": info.checkpoint_sha256}
 
 
 def build_dataset(
@@ -383,11 +422,13 @@ def build_dataset(
         encode_args["num_gpus"] = actors.gpus_per_actor
     ds = ds.map_batches(
         encoder_cls,
-        fn_constructor_kwargs={"model": spec, "max_tokens": max_tokens,
+        fn_constructor_kwargs={"model": spec, "max_tokens": max_tokens, **_device_kwargs(cfg, actors),
+                               **_remote_model_kwargs(spec, cfg, info),
                                "num_threads": None if actors.gpus_per_actor else actors.num_threads,
                                "precision": cfg.precision, "compile": cfg.compile,
                                "decode": {"max_pixels": cfg.max_pixels, "min_side": cfg.min_side}},
-        batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors.num_actors),
+        batch_size=cfg.batch_size, batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=actors.smallest, max_size=actors.num_actors),
         **encode_args,  # Ray Data restarts killed actors and retries their batches by default
     )
     # Writing a batch of token rows is light I/O. Reserving no CPU keeps it from waiting for a CPU
@@ -395,6 +436,25 @@ def build_dataset(
     return ds.map_batches(writer.write_pieces_batch, batch_size=None, batch_format="pyarrow", num_cpus=0,
                           compute=TaskPoolStrategy(size=max(2, 2 * actors.num_actors)),
                           fn_kwargs={"output": cfg.output, "storage_options": dict(opts_out)})
+
+
+def _report_gpu_nodes(actors: ActorPlan, stop: threading.Event, every_s: float = 10.0) -> None:
+    """Progress while an autoscaling pool waits for GPU nodes: says how many are up, until all are."""
+    import ray
+
+    last = None
+    while True:
+        holds = int(ray.cluster_resources().get("GPU", 0.0) / actors.gpus_per_actor + 1e-9)
+        if holds != last:
+            if holds == 0:
+                log.info("waiting for GPU nodes: none up yet; the pending encoder actors ask the autoscaler "
+                         "for %d x %g GPU", actors.num_actors, actors.gpus_per_actor)
+            else:
+                log.info("GPU nodes: room for %d of %d encoder actors%s", min(holds, actors.num_actors),
+                         actors.num_actors, "" if holds >= actors.num_actors else "; waiting for more")
+            last = holds
+        if holds >= actors.num_actors or stop.wait(every_s):
+            return
 
 
 def _execute(
@@ -420,8 +480,12 @@ def _execute(
     }
     if not pending:
         return run, ""
-    log.info("encoder pool: %d actor(s) x (%g CPU reserved, %d thread(s), %g GPU), batch %d", actors.num_actors,
+    size = f"{actors.smallest}..{actors.num_actors}" if actors.autoscales else str(actors.num_actors)
+    log.info("encoder pool: %s actor(s) x (%g CPU reserved, %d thread(s), %g GPU), batch %d", size,
              actors.cpus_per_actor, actors.num_threads, actors.gpus_per_actor, cfg.batch_size)
+    stop_watch = threading.Event()
+    if actors.gpus_per_actor and resources.get("GPU", 0.0) + 1e-9 < actors.num_actors * actors.gpus_per_actor:
+        threading.Thread(target=_report_gpu_nodes, args=(actors, stop_watch), daemon=True).start()
     ds = build_dataset(cfg, pending, skip, spec, info, max_tokens, actors, opts_in, opts_out, encoder_cls)
     by_id = {s.id: s for s in pending}
     finalize = ray.remote(num_cpus=0, max_retries=3)(writer.finalize_shard_task)
@@ -440,6 +504,8 @@ def _execute(
                                                 meta, retries=tracker.retries.get(sid, 0))
     except StorageUnavailableError as e:  # a write task's retries ran out (Ray re-raises it as its cause)
         raise IncompleteRunError(f"writing stopped: {describe(e)}; re-run the same command to finish") from e
+    finally:
+        stop_watch.set()
     failed = []
     for sid, ref in refs.items():
         try:

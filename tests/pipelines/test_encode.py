@@ -130,3 +130,10 @@ def test_failed_batch_is_retried_row_by_row_so_one_poison_sample_is_one_error_ro
     tokens = out.column("tokens").to_pylist()
     assert [tokens[i] for i in (0, 3, 4)] == model.tokenize(x).tolist() and tokens[2] is None
     assert (stage.num_encoded, stage.num_failed) == (3, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is unavailable")
+def test_a_gpu_actor_without_cuda_is_an_error_not_a_silent_cpu_run(tiny_checkpoint):
+    with pytest.raises(RuntimeError, match="--device cpu"):
+        TokenizeBatch(str(tiny_checkpoint), device="cuda")
+    assert TokenizeBatch(str(tiny_checkpoint), device="cpu").device == "cpu"  # asked for on purpose

@@ -32,10 +32,25 @@ def test_gpu_pool_is_one_actor_per_gpu():
     assert (plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor) == (4, 1.0, 1.0)
     assert plan_actors(32, 4, gpus_per_actor=0.5).num_actors == 8
     assert plan_actors(32, 4, gpus_per_actor=0).gpus_per_actor == 0  # forced CPU
-    with pytest.raises(ValueError, match="no GPUs"):
-        plan_actors(8, 0, gpus_per_actor=1)
-    with pytest.raises(ValueError, match="exceeds"):
-        plan_actors(8, 2, num_actors=3)
+    assert not plan.autoscales and plan.smallest == 4  # a fixed-size cluster: a fixed pool, as before
+
+
+def test_gpu_pool_grows_to_what_the_job_wants_as_gpu_nodes_arrive():
+    # cluster.yaml: a head with CPU 0, no GPU node yet; --actors 16 --gpus-per-actor 1
+    plan = plan_actors(0, 0, num_actors=16, gpus_per_actor=1)
+    assert (plan.smallest, plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor) == (1, 16, 1.0, 1.0)
+    assert plan.autoscales
+    # one 8-GPU node up: start with the 8 actors it holds, grow to 16
+    plan = plan_actors(8, 8, largest_node_cpus=8, num_actors=16)
+    assert (plan.smallest, plan.num_actors) == (8, 16)
+    half = plan_actors(0, 1, num_actors=4, gpus_per_actor=0.5)  # two actors share a GPU
+    assert (half.smallest, half.num_actors) == (2, 4)
+    # no GPU up and no --actors: one actor, waiting for the first GPU node
+    lone = plan_actors(0, 0, gpus_per_actor=1)
+    assert (lone.smallest, lone.num_actors, lone.autoscales) == (1, 1, False)
+    # all wanted GPUs up: fixed, and the CPU check applies as on any fixed cluster
+    with pytest.raises(ValueError, match="leaves no CPU"):
+        plan_actors(2, 2, num_actors=2, cpus_per_actor=1)
 
 
 def test_tracker_completes_each_shard_once_despite_duplicates():

@@ -1,0 +1,73 @@
+"""Models from any fsspec URL: fetched once per node into a cache, checked by sha256 (moto S3 on 127.0.0.1,
+counted by the fault proxy, which here injects nothing)."""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import urlsplit
+
+import pytest
+from fault_proxy import FaultProxy
+
+from flextok.checkpoint import file_sha256
+from pipelines.encode import TokenizeBatch
+from pipelines.model import inspect_model, resolve_model_spec
+from pipelines.storage import fetch_checkpoint
+
+pytestmark = pytest.mark.slow  # moto server
+
+
+@pytest.fixture
+def remote_model(s3_server, tiny_checkpoint):
+    bucket = s3_server.make_bucket("models")
+    s3_server.filesystem().put_file(str(tiny_checkpoint), f"{bucket}/tok/model.safetensors")
+    return bucket
+
+
+def test_one_download_per_node_however_many_actors_ask(s3_server, remote_model, tiny_checkpoint, tmp_path):
+    parts = urlsplit(s3_server.endpoint_url)
+    proxy = FaultProxy((parts.hostname, parts.port))
+    opts = {**s3_server.storage_options, "endpoint_url": proxy.endpoint_url, "skip_instance_cache": True}
+    gets = []
+    proxy._fault_for = lambda line, _orig=proxy._fault_for: (gets.append(line), _orig(line))[1]
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(fetch_checkpoint(
+        f"s3://{remote_model}/tok/", opts, cache_dir=str(tmp_path), sha256=file_sha256(tiny_checkpoint))))
+        for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    proxy.close()
+    assert len(paths) == 4 and len(set(paths)) == 1  # a run folder URL -> its model.safetensors
+    assert open(paths[0], "rb").read() == tiny_checkpoint.read_bytes()
+    downloads = [g for g in gets if g.startswith(f"GET /{remote_model}/tok/model.safetensors")]
+    assert len(downloads) == 1, gets
+
+
+def test_a_copy_with_another_sha256_is_refused(s3_server, remote_model, tmp_path):
+    url = f"s3://{remote_model}/tok/model.safetensors"
+    with pytest.raises(ValueError, match="does not have the sha256"):
+        fetch_checkpoint(url, s3_server.storage_options, cache_dir=str(tmp_path), sha256="0" * 64)
+
+
+def test_an_actor_loads_a_model_url_and_tokenizes_as_the_local_file(s3_server, remote_model, tiny_checkpoint,
+                                                                    monkeypatch, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.schema import DECODED_SCHEMA
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    url = f"s3://{remote_model}/tok/model.safetensors"
+    assert resolve_model_spec(url) == url
+    info = inspect_model(url, s3_server.storage_options)
+    assert info.checkpoint_id == url and info.checkpoint_sha256 == file_sha256(tiny_checkpoint)
+    remote = TokenizeBatch(url, storage_options=s3_server.storage_options, sha256=info.checkpoint_sha256)
+    local = TokenizeBatch(str(tiny_checkpoint))
+    size = info.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    rows = [{"shard": "s", "index": i, "total": -1, "key": f"s/{i}", "source": "x", "pixels": p.tobytes(),
+             "width": size, "height": size} for i, p in enumerate(pixels)]
+    batch = pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+    assert remote(batch).column("tokens").to_pylist() == local(batch).column("tokens").to_pylist()
