@@ -4,7 +4,8 @@ Owns: `TokenizeBatch`, the callable class placed with `ActorPoolStrategy` (one G
 there are GPUs, a fixed number of CPU threads otherwise); turning `pixels` into a [B, 3, S, S] batch
 in [-1, 1]; the compute precision (`flextok.precision`) and optional compiled encoder blocks;
 `--max-tokens` prefixes; the Arrow `list<uint16>` column. A batch that fails is retried
-row by row so that one poison sample becomes one error row. Does not own: decoding or writing.
+row by row so that one poison sample becomes one error row; CUDA out of memory is not a bad
+sample: it halves the images per forward and retries (logged once). Does not own: decoding or writing.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class TokenizeBatch:
             raise ValueError(f"codebook of {cfg.codebook_size} does not fit uint16 tokens")
         self.num_encoded = 0
         self.num_failed = 0
+        self.chunk_size: int | None = None  # images per forward; set by the first CUDA out-of-memory
+        self.oom_logged = False
 
     def _tokenize(self, images: np.ndarray | Any) -> np.ndarray:
         """[B, S, S, 3] uint8 (numpy, or a tensor on any device) -> [B, k] token ids."""
@@ -151,7 +154,30 @@ class TokenizeBatch:
         ]
         return torch.stack(out) if out else torch.zeros(0, S, S, 3, dtype=torch.uint8, device=self.device)
 
+    def _tokenize_in_chunks(self, images: np.ndarray) -> np.ndarray:
+        """`_tokenize` in chunks of at most `chunk_size` images. CUDA out of memory halves the chunk
+        size (kept for the actor's later batches) and retries: logged once, never error rows; a
+        single image that does not fit re-raises."""
+        import torch
+
+        while True:
+            size = min(len(images), self.chunk_size or len(images))
+            try:
+                return np.concatenate([self._tokenize(images[i : i + size]) for i in range(0, len(images), size)])
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.chunk_size = size // 2
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                if not self.oom_logged:
+                    log.warning("CUDA out of memory at %d images per forward; encoding %d at a time from now on "
+                                "(use a smaller --batch-size to avoid the retry)", size, self.chunk_size)
+                    self.oom_logged = True
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
         valid = pc.is_valid(batch.column("pixels")).to_numpy(zero_copy_only=False)
         errors = batch.column("error").to_pylist()
         stages = batch.column("stage").to_pylist()
@@ -159,13 +185,17 @@ class TokenizeBatch:
         ids = np.zeros((int(valid.sum()), self.max_tokens), np.int64)
         if valid.any():
             try:
-                ids = self._tokenize(images)
+                ids = self._tokenize_in_chunks(images)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not even one image fits: an error of the setup, never error rows
             except Exception as e:  # isolate the bad rows instead of failing the batch
                 log.warning("batch of %d failed to encode (%s); retrying row by row", len(images), e)
                 rows = np.flatnonzero(valid)
                 for j, row in enumerate(rows):
                     try:
                         ids[j] = self._tokenize(images[j : j + 1])[0]
+                    except torch.cuda.OutOfMemoryError:
+                        raise
                     except Exception as row_error:
                         valid[row] = False
                         errors[row] = error_message("encode failed", f"{type(row_error).__name__}: {row_error}")

@@ -137,3 +137,36 @@ def test_a_gpu_actor_without_cuda_is_an_error_not_a_silent_cpu_run(tiny_checkpoi
     with pytest.raises(RuntimeError, match="--device cpu"):
         TokenizeBatch(str(tiny_checkpoint), device="cuda")
     assert TokenizeBatch(str(tiny_checkpoint), device="cpu").device == "cpu"  # asked for on purpose
+
+
+class _SmallGPU(TokenizeBatch):
+    """Stands in for a device that holds at most `capacity` images per forward (no CUDA here): the
+    real tokenizer, with torch's real OutOfMemoryError above that."""
+
+    capacity = 3
+
+    def _tokenize(self, images):
+        self.forwards = getattr(self, "forwards", []) + [len(images)]
+        if len(images) > self.capacity:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super()._tokenize(images)
+
+
+def test_cuda_out_of_memory_halves_the_batch_logged_once_never_error_rows(tiny_checkpoint, caplog):
+    batch = _decoded(_images(10))
+    expected = TokenizeBatch(str(tiny_checkpoint))(batch).column("tokens").to_pylist()
+    enc = _SmallGPU(str(tiny_checkpoint))
+    with caplog.at_level("WARNING", logger="pipelines.encode"):
+        out = enc(batch)
+        again = enc(batch)  # the smaller size is kept: no second out-of-memory, no second warning
+    assert out.column("tokens").to_pylist() == expected == again.column("tokens").to_pylist()
+    assert out.column("error").null_count == out.num_rows  # no error rows
+    assert enc.forwards[:2] == [10, 5] and max(enc.forwards[2:]) <= 3 and min(enc.forwards) >= 2  # not batch 1
+    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_out_of_memory_on_one_image_is_raised_not_recorded(tiny_checkpoint):
+    enc = _SmallGPU(str(tiny_checkpoint))
+    enc.capacity = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        enc(_decoded(_images(4)))
