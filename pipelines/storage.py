@@ -182,9 +182,9 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
     os.makedirs(os.path.dirname(local), exist_ok=True)
     with open(f"{local}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; released when the file closes
-        for attempt in range(2):
+        tmp = f"{local}.part-{os.getpid()}"
+        for _ in range(2):
             if not os.path.isfile(local):
-                tmp = f"{local}.part-{os.getpid()}"
                 call_with_retries(lambda: fs.get(path, tmp), what=f"downloading {redact_url(url)}")
                 os.replace(tmp, local)
             if sha256 is None or file_sha256(local) == sha256:

@@ -27,7 +27,13 @@ from pipelines.cluster import check_ray_address, ensure_ray
 from pipelines.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_batch
 from pipelines.encode import TokenizeBatch
 from pipelines.lease import Lease
-from pipelines.model import TokenizerInfo, inspect_model, is_remote, model_identity, resolve_model_spec
+from pipelines.model import (
+    TokenizerInfo,
+    inspect_model,
+    is_remote,
+    model_identity,
+    resolve_model_spec,
+)
 from pipelines.report import build_manifest, summary_text
 from pipelines.retry import RetryPolicy, StorageUnavailableError, call_with_retries, describe
 from pipelines.schema import SCHEMA_VERSION, file_metadata

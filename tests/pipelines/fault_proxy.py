@@ -15,6 +15,7 @@ The proxy reads the HTTP request line of each request on its way up, so faults c
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
@@ -119,10 +120,8 @@ class FaultProxy:
             except OSError:
                 pass
             finally:
-                try:
+                with contextlib.suppress(OSError):
                     upstream.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
 
         threading.Thread(target=up, daemon=True).start()
         fault, sent = None, 0  # the fault of the response in flight, its bytes forwarded so far

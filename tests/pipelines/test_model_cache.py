@@ -4,6 +4,7 @@ counted by the fault proxy, which here injects nothing)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -40,7 +41,7 @@ def test_one_download_per_node_however_many_actors_ask(s3_server, remote_model, 
         t.join()
     proxy.close()
     assert len(paths) == 4 and len(set(paths)) == 1  # a run folder URL -> its model.safetensors
-    assert open(paths[0], "rb").read() == tiny_checkpoint.read_bytes()
+    assert Path(paths[0]).read_bytes() == tiny_checkpoint.read_bytes()
     downloads = [g for g in gets if g.startswith(f"GET /{remote_model}/tok/model.safetensors")]
     assert len(downloads) == 1, gets
 

@@ -4,7 +4,6 @@ client libraries raise (botocore, s3fs's translation of them, aiohttp, urllib3, 
 from __future__ import annotations
 
 import errno
-import socket
 import tarfile
 
 import pytest
@@ -65,7 +64,7 @@ def test_network_faults_of_every_layer_are_transient():
 
     faults = [
         ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), BrokenPipeError(), TimeoutError(),
-        socket.timeout("timed out"), OSError(errno.ETIMEDOUT, "timed out"), OSError(errno.EHOSTUNREACH, "no route"),
+        TimeoutError("timed out"), OSError(errno.ETIMEDOUT, "timed out"), OSError(errno.EHOSTUNREACH, "no route"),
         aiohttp.ClientPayloadError("Response payload is not completed"), aiohttp.ServerDisconnectedError(),
         bex.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), bex.ReadTimeoutError(endpoint_url="x"),
         bex.ConnectionClosedError(endpoint_url="x"), uex.IncompleteRead(10, 20), FSTimeoutError(),
