@@ -238,6 +238,36 @@ def _image_shards(
     return shards, class_names
 
 
+LISTABLE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "file", "local")
+
+
+def _list_parents(patterns: list[str], storage_options: Mapping[str, Any] | None) -> dict[str, dict] | None:
+    """The names of a brace pattern, found by listing their folders (one paginated listing per
+    folder, the folders listed concurrently) instead of 2-3 requests per name: 10,000 shards of
+    one folder are 10 LIST requests, not 30,000 HEADs. None when a storage listing is not
+    authoritative (HTTP index pages) or the names hold wildcards: then each name is looked up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, _ = filesystem(patterns[0], storage_options)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not set(protocols) & set(LISTABLE_PROTOCOLS):
+        return None
+    paths = [filesystem(p, storage_options)[1].rstrip("/") for p in patterns]
+    if any(ch in p for p in paths for ch in "*?[") or any("?" in p for p in patterns):
+        return None
+    folders = sorted({posixpath.dirname(p) for p in paths})
+
+    def listing(folder: str) -> list[dict]:
+        try:
+            return retry.call_with_retries(lambda: fs.ls(folder, detail=True), what=f"listing {folder}")
+        except FileNotFoundError:
+            return []
+
+    with ThreadPoolExecutor(max_workers=min(16, len(folders))) as pool:
+        found = [info for infos in pool.map(listing, folders) for info in infos]
+    return {info["name"].rstrip("/"): info for info in found}
+
+
 def resolve_inputs(
     url: str, storage_options: Mapping[str, Any] | None = None, *, files_per_shard: int = 1000
 ) -> InputPlan:
@@ -253,8 +283,15 @@ def resolve_inputs(
     skipped: dict[str, int] = {}
     fs = None
     image_root: str | None = None
+    listed = _list_parents(patterns, storage_options) if len(patterns) > 1 else None
     for pattern in patterns:
         fs, path = filesystem(pattern, storage_options)
+        if listed is not None and not any(ch in path for ch in "*?["):
+            info = listed.get(path.rstrip("/"))
+            if info is not None and info.get("type") == "directory":
+                raise ValueError(f"{redact_url(pattern)} is a folder; a brace pattern must name files")
+            entries.append((path, None if info is None else _version(info)))  # None: a missing shard
+            continue
         if fs.isdir(path):
             if len(patterns) > 1:
                 raise ValueError(f"{redact_url(pattern)} is a folder; a brace pattern must name files")

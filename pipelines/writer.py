@@ -212,6 +212,16 @@ def _staged_tables(store: OutputStore, shard_id: str, columns: list[str] | None 
     return tables
 
 
+def staged_shard_ids(store: OutputStore) -> set[str]:
+    """Shards with staged pieces (one recursive listing of the staging folder)."""
+    root = store.path(STAGING_DIR)
+    try:
+        found = store._retried("listing staged pieces", store.fs.find, root)
+    except FileNotFoundError:
+        return set()
+    return {posixpath.relpath(p, root).split("/", 1)[0] for p in found if p.endswith(".parquet")}
+
+
 def staged_indices(store: OutputStore, shard_id: str) -> set[int]:
     """Indices already staged for a shard by an earlier, interrupted run."""
     done: set[int] = set()

@@ -42,6 +42,26 @@ def test_resolve_folder_of_tars_glob_and_brace(bad_corpus):
     assert resolve_inputs("file://" + str(bad_corpus.root)).shards[0].url.startswith("file://")
 
 
+def test_a_brace_pattern_is_planned_by_listing_its_folder_as_by_looking_up_each_name(bad_corpus, monkeypatch):
+    import pipelines.sources as sources
+
+    calls: list = []
+    listed = sources.resolve_inputs(bad_corpus.url)
+    monkeypatch.setattr(sources, "LISTABLE_PROTOCOLS", ())  # the name-by-name lookup
+    looked_up = sources.resolve_inputs(bad_corpus.url)
+    assert listed.shards == looked_up.shards  # ids, urls, fingerprints; the missing shard too
+    assert listed.shards[4].fingerprint == looked_up.shards[4].fingerprint
+    monkeypatch.setattr(sources, "LISTABLE_PROTOCOLS", ("file", "local"))
+    from fsspec.implementations.local import LocalFileSystem
+
+    for name in ("exists", "isdir", "info"):  # the listing path makes no request per name
+        original = getattr(LocalFileSystem, name)
+        monkeypatch.setattr(LocalFileSystem, name,
+                            lambda self, path, *a, _o=original, **k: calls.append(path) or _o(self, path, *a, **k))
+    assert sources.resolve_inputs(bad_corpus.url).shards == listed.shards
+    assert not [c for c in calls if str(c).endswith(".tar")], calls
+
+
 def test_resolve_rejects_missing_and_empty_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_inputs(str(tmp_path / "nope"))
