@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from flextok import flow
+from flextok.adaptive import AdaptiveTokens, LengthTarget, choose_lengths
 from flextok.checkpoint import (
     CheckpointError,
     check_finite,
@@ -218,11 +219,18 @@ class FlexTok(nn.Module):
         return self.encode(images.to(self.device))[1]
 
     def _pad_tokens(self, ids: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, k] tensor or list of 1D tensors -> (tokens (B, K) zero-padded, keep_k (B,))."""
+        """[B, k] tensor (negative = padding) or list of 1D tensors -> (tokens (B, K) zero-padded, keep_k (B,))."""
         K = self.config.num_registers
-        rows = list(ids.unbind(0)) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else list(ids)
-        if isinstance(ids, torch.Tensor) and ids.dim() != 2:
-            raise ValueError(f"ids must be [B, k] or a list of 1D tensors, got shape {list(ids.shape)}")
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 2:
+                raise ValueError(f"ids must be [B, k] or a list of 1D tensors, got shape {list(ids.shape)}")
+            valid = ids >= 0  # (B, k)
+            lengths = valid.sum(dim=1)
+            if not torch.equal(valid, torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]):
+                raise ValueError("negative ids (padding) must come after a row's tokens")
+            rows = [row[:n] for row, n in zip(ids.unbind(0), lengths.tolist())]
+        else:
+            rows = list(ids)
         if not rows:
             raise ValueError("ids is empty")
         lengths = [int(r.numel()) for r in rows]
@@ -232,6 +240,13 @@ class FlexTok(nn.Module):
         for i, r in enumerate(rows):
             tokens[i, : r.numel()] = torch.as_tensor(r, device=self.device).long().flatten()
         return tokens, torch.tensor(lengths, device=self.device)
+
+    @torch.no_grad()
+    def tokenize_adaptive(self, images: torch.Tensor, target: LengthTarget) -> AdaptiveTokens:
+        """images (B, 3, H, W) in [-1, 1] -> all K tokens plus, per image, the shortest prefix length
+        whose reconstruction meets `target`, measured in one batched one-step decoder call
+        (`flextok.adaptive`). Needs the decoder, unlike `tokenize`."""
+        return choose_lengths(self, images, target)
 
     @torch.no_grad()
     def detokenize(
@@ -247,7 +262,9 @@ class FlexTok(nn.Module):
         [-1, 1] but NOT clamped (as the release; `images.clamp(-1, 1)` before writing or measuring).
 
         Settings left None come from `self.detokenize_defaults`: 25 steps, no guidance for our
-        models; 20 steps, guidance 7.5 with APG for an official release."""
+        models; 20 steps, guidance 7.5 with APG for an official release. `ids`: a (B, k) tensor, whose
+        negative entries (after a row's tokens) are padding, as generators with an end-of-sequence
+        token return them; or a list of 1D tensors."""
         latents = self.detokenize_latents(ids, steps=steps, guidance_scale=guidance_scale, apg=apg, generator=generator)
         return self.latents_to_images(latents)
 

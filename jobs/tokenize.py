@@ -74,8 +74,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tries per storage operation through transient faults (resets, timeouts, throttling, "
                    "5xx), with exponential backoff from 1 s; a shard still failing is left unfinished for a "
                    "re-run, never recorded as bad data (default 8, about two minutes)")
+    g = p.add_argument_group(
+        "adaptive length (per image, the shortest prefix whose one-step reconstruction meets a target; "
+        "rows gain chosen_num_tokens, reconstruction_mse and full_reconstruction_mse)")
+    target = g.add_mutually_exclusive_group()
+    target.add_argument("--adaptive-relative-error", type=non_negative_float, default=None, metavar="R",
+                        help="prefix MSE at most (1 + R) x the MSE of all K tokens (0.2: within 20%%)")
+    target.add_argument("--adaptive-max-mse", type=non_negative_float, default=None, metavar="E",
+                        help="prefix MSE at most E (latent space; images in [-1, 1] without a VAE); an image "
+                        "that misses it even at K keeps all K tokens and is counted in the manifest")
+    g.add_argument("--adaptive-lengths", type=_lengths_arg, default=None, metavar="all|pow2|K1,K2,..",
+                   help="candidate prefix lengths (K is always one). Each costs one decoder row per image: "
+                   "'all' (default) is K decoder rows, pow2 (1, 2, 4, .., K) log2(K) + 1")
+    g.add_argument("--adaptive-keep-all", action="store_true",
+                   help="store all K tokens and record the chosen length only (chosen_num_tokens)")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
+
+
+def _lengths_arg(text: str) -> str | tuple[int, ...]:
+    if text in ("all", "pow2"):
+        return text
+    try:
+        lengths = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, pow2 or comma-separated lengths, got {text!r}") from None
+    if not lengths or min(lengths) < 1 or list(lengths) != sorted(set(lengths)):
+        raise argparse.ArgumentTypeError(f"lengths must be ascending, distinct and >= 1, got {text!r}")
+    return lengths
+
+
+def length_target(args: argparse.Namespace):
+    """The `flextok.adaptive.LengthTarget` the adaptive flags ask for, or None."""
+    from flextok.adaptive import LengthTarget
+
+    if args.adaptive_relative_error is None and args.adaptive_max_mse is None:
+        if args.adaptive_lengths is not None or args.adaptive_keep_all:
+            raise ValueError("--adaptive-lengths / --adaptive-keep-all need --adaptive-relative-error or --adaptive-max-mse")
+        return None
+    candidates = None if args.adaptive_lengths == "all" else args.adaptive_lengths
+    return LengthTarget(max_relative_error=args.adaptive_relative_error, max_error=args.adaptive_max_mse,
+                        candidates=candidates)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -100,6 +139,8 @@ def _run(args: argparse.Namespace) -> int:
         gpu_decode=args.gpu_decode,
         io_attempts=args.io_attempts,
         device=args.device,
+        length_target=length_target(args),
+        keep_all_tokens=args.adaptive_keep_all,
     )
     try:
         result = run_tokenize(cfg)

@@ -3,7 +3,8 @@
 Owns: `TokenizeBatch`, the callable class placed with `ActorPoolStrategy` (one GPU per actor where
 there are GPUs, a fixed number of CPU threads otherwise); turning `pixels` into a [B, 3, S, S] batch
 in [-1, 1]; the compute precision (`flextok.precision`) and optional compiled encoder blocks;
-`--max-tokens` prefixes; the Arrow `list<uint16>` column. A batch that fails is retried
+`--max-tokens` prefixes; adaptive lengths (`FlexTok.tokenize_adaptive`: the actor then needs the
+tokenizer's decoder too); the Arrow `list<uint16>` column. A batch that fails is retried
 row by row so that one poison sample becomes one error row; CUDA out of memory is not a bad
 sample: it halves the images per forward and retries (logged once). Does not own: decoding or writing.
 """
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 from flextok.precision import precision_context
 from pipelines.decode import DecodeConfig
 from pipelines.model import default_device, load_model
-from pipelines.schema import ENCODED_SCHEMA, error_message
+from pipelines.schema import ENCODED_SCHEMA, encoded_schema, error_message
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +43,46 @@ def pixels_to_array(column: pa.Array | pa.ChunkedArray, image_size: int) -> np.n
     return flat.reshape(num, image_size, image_size, 3)  # (B, H, W, C)
 
 
-def tokens_column(ids: np.ndarray, valid: np.ndarray) -> pa.ListArray:
-    """[V, k] ids for the `valid` rows of a batch -> list<uint16> with nulls elsewhere."""
+def tokens_column(ids: np.ndarray, valid: np.ndarray, lengths: np.ndarray | None = None) -> pa.ListArray:
+    """[V, k] ids for the `valid` rows of a batch -> list<uint16> with nulls elsewhere; with
+    `lengths` (V,), row j keeps its first lengths[j] ids."""
     num_rows, k = len(valid), ids.shape[1]
-    lengths = np.where(valid, k, 0)
+    kept = np.full(len(ids), k, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+    row_lengths = np.zeros(num_rows, np.int64)
+    row_lengths[valid] = kept
     offsets = np.zeros(num_rows + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = pa.array(np.ascontiguousarray(ids, dtype=np.uint16).reshape(-1), pa.uint16())
+    np.cumsum(row_lengths, out=offsets[1:])
+    keep = np.arange(k)[None, :] < kept[:, None]  # (V, k)
+    values = pa.array(np.ascontiguousarray(ids, dtype=np.uint16)[keep], pa.uint16())
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, mask=pa.array(~valid))
 
 
+def float_rows_column(values: np.ndarray, valid: np.ndarray) -> pa.ListArray:
+    """[V, C] float rows for the `valid` rows of a batch -> list<float32> with nulls elsewhere."""
+    offsets = np.zeros(len(valid) + 1, np.int32)
+    np.cumsum(np.where(valid, values.shape[1], 0), out=offsets[1:])
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat, mask=pa.array(~valid))
+
+
+def _scatter(values: np.ndarray, valid: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """Values (V,) of the valid rows -> a column over all rows, null elsewhere."""
+    full = np.zeros(len(valid), values.dtype)
+    full[valid] = values
+    return pa.array(full, type_, mask=~valid)
+
+
 class TokenizeBatch:
-    """Ray Data actor stage: DECODED_SCHEMA -> ENCODED_SCHEMA (pixels dropped, tokens added).
+    """Ray Data actor stage: DECODED_SCHEMA -> ENCODED_SCHEMA (pixels dropped, tokens added), or
+    ADAPTIVE_ENCODED_SCHEMA with a length target.
 
     Args:
         model: what `pipelines.model.load_model` takes (checkpoint path or URL, or preset name).
         max_tokens: store the first k tokens (1..K); None = all K.
         num_threads: torch CPU threads (the actor's CPU share); None leaves torch's default.
+        length_target: adaptive length: per image, store the shortest prefix meeting this target
+            (a `flextok.adaptive.LengthTarget`), with its measured quality. Excludes `max_tokens`.
+        keep_all_tokens: with `length_target`, store all K tokens and only record the chosen length.
         storage_options, sha256: for a checkpoint URL: how to reach it, and the digest the driver
             checked (fetched once per node into a cache; a copy with another digest is an error).
         device: 'cuda' (an error if CUDA is unavailable: a GPU actor never falls back to CPU silently)
@@ -75,7 +99,7 @@ class TokenizeBatch:
         self, model: str, *, max_tokens: int | None = None, num_threads: int | None = None,
         device: str | None = None, precision: str = "fp32", compile: bool = False,
         decode: dict[str, int] | None = None, storage_options: dict[str, Any] | None = None,
-        sha256: str | None = None,
+        sha256: str | None = None, length_target: Any = None, keep_all_tokens: bool = False,
     ) -> None:
         import torch
 
@@ -106,13 +130,21 @@ class TokenizeBatch:
             raise ValueError(f"max_tokens must be in 1..{cfg.num_registers}, got {self.max_tokens}")
         if cfg.codebook_size > 2**16:
             raise ValueError(f"codebook of {cfg.codebook_size} does not fit uint16 tokens")
+        if length_target is not None and self.max_tokens != cfg.num_registers:
+            raise ValueError("adaptive length and max_tokens exclude each other")
+        if keep_all_tokens and length_target is None:
+            raise ValueError("keep_all_tokens needs a length_target")
+        if length_target is not None:
+            length_target.lengths(cfg.num_registers)  # candidates beyond K: the error now, not per batch
+        self.length_target, self.keep_all_tokens = length_target, keep_all_tokens
         self.num_encoded = 0
         self.num_failed = 0
         self.chunk_size: int | None = None  # images per forward; set by the first CUDA out-of-memory
         self.oom_logged = False
 
-    def _tokenize(self, images: np.ndarray | Any) -> np.ndarray:
-        """[B, S, S, 3] uint8 (numpy, or a tensor on any device) -> [B, k] token ids."""
+    def _tokenize(self, images: np.ndarray | Any) -> dict[str, np.ndarray]:
+        """[B, S, S, 3] uint8 (numpy, or a tensor on any device) -> {"ids": [B, k] token ids, and for
+        adaptive runs "chosen" (B,), "mse" (B,), "full_mse" (B,), "candidate_mse" [B, C]}."""
         import torch
 
         if isinstance(images, np.ndarray):
@@ -120,8 +152,12 @@ class TokenizeBatch:
         x = images.to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
         with torch.inference_mode(), precision_context(self.precision, self.device):
-            ids = self.model.tokenize(x)
-        return ids[:, : self.max_tokens].cpu().numpy()
+            if self.length_target is None:
+                return {"ids": self.model.tokenize(x)[:, : self.max_tokens].cpu().numpy()}
+            found = self.model.tokenize_adaptive(x, self.length_target)
+        return {"ids": found.tokens.cpu().numpy(), "chosen": found.num_tokens.cpu().numpy(),
+                "mse": found.mse.float().cpu().numpy(), "full_mse": found.full_mse.float().cpu().numpy(),
+                "candidate_mse": found.candidate_mse.float().cpu().numpy()}
 
     def _images(self, batch: pa.Table, valid: np.ndarray, errors: list, stages: list) -> np.ndarray | Any:
         """The valid rows' pixels [V, S, S, 3] uint8; JPEG rows left by the decode stage are decoded
@@ -154,7 +190,7 @@ class TokenizeBatch:
         ]
         return torch.stack(out) if out else torch.zeros(0, S, S, 3, dtype=torch.uint8, device=self.device)
 
-    def _tokenize_in_chunks(self, images: np.ndarray) -> np.ndarray:
+    def _tokenize_in_chunks(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """`_tokenize` in chunks of at most `chunk_size` images. CUDA out of memory halves the chunk
         size (kept for the actor's later batches) and retries: logged once, never error rows; a
         single image that does not fit re-raises."""
@@ -163,7 +199,7 @@ class TokenizeBatch:
         while True:
             size = min(len(images), self.chunk_size or len(images))
             try:
-                return np.concatenate([self._tokenize(images[i : i + size]) for i in range(0, len(images), size)])
+                return _concat([self._tokenize(images[i : i + size]) for i in range(0, len(images), size)])
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -182,18 +218,18 @@ class TokenizeBatch:
         errors = batch.column("error").to_pylist()
         stages = batch.column("stage").to_pylist()
         images = self._images(batch, valid, errors, stages) if valid.any() else None
-        ids = np.zeros((int(valid.sum()), self.max_tokens), np.int64)
+        out: dict[str, np.ndarray] = {"ids": np.zeros((0, self.max_tokens), np.int64)}
         if valid.any():
             try:
-                ids = self._tokenize_in_chunks(images)
+                out = self._tokenize_in_chunks(images)
             except torch.cuda.OutOfMemoryError:
                 raise  # not even one image fits: an error of the setup, never error rows
             except Exception as e:  # isolate the bad rows instead of failing the batch
                 log.warning("batch of %d failed to encode (%s); retrying row by row", len(images), e)
-                rows = np.flatnonzero(valid)
-                for j, row in enumerate(rows):
+                pieces = []
+                for j, row in enumerate(np.flatnonzero(valid)):
                     try:
-                        ids[j] = self._tokenize(images[j : j + 1])[0]
+                        pieces.append(self._tokenize(images[j : j + 1]))
                     except torch.cuda.OutOfMemoryError:
                         raise
                     except Exception as row_error:
@@ -201,12 +237,29 @@ class TokenizeBatch:
                         errors[row] = error_message("encode failed", f"{type(row_error).__name__}: {row_error}")
                         stages[row] = "encode"
                         self.num_failed += 1
-                ids = ids[valid[rows]]
-            self.num_encoded += len(ids)
+                if pieces:
+                    out = _concat(pieces)
+            self.num_encoded += len(out["ids"])
+        ids = out["ids"]
         assert ids.shape[0] == valid.sum(), "token rows do not match valid rows"
         assert ids.size == 0 or (ids.min() >= 0 and ids.max() < 2**16), "token id out of uint16 range"
         columns: dict[str, Any] = {n: batch.column(n) for n in ENCODED_SCHEMA.names if n in batch.column_names}
         columns["error"] = pa.array(errors, pa.string())
         columns["stage"] = pa.array(stages, pa.string())
-        columns["tokens"] = tokens_column(ids, valid)
-        return pa.Table.from_pydict({n: columns[n] for n in ENCODED_SCHEMA.names}, schema=ENCODED_SCHEMA)
+        if self.length_target is None:
+            columns["tokens"] = tokens_column(ids, valid)
+        else:
+            chosen = out.get("chosen", np.zeros(0, np.int64))
+            columns["tokens"] = tokens_column(ids, valid, None if self.keep_all_tokens else chosen)
+            columns["chosen_num_tokens"] = _scatter(chosen.astype(np.uint16), valid, pa.uint16())
+            columns["reconstruction_mse"] = _scatter(out.get("mse", np.zeros(0, np.float32)), valid, pa.float32())
+            columns["full_reconstruction_mse"] = _scatter(out.get("full_mse", np.zeros(0, np.float32)), valid,
+                                                          pa.float32())
+            columns["candidate_mse"] = float_rows_column(out.get("candidate_mse", np.zeros((0, 1), np.float32)), valid)
+        schema = encoded_schema(self.length_target is not None)
+        return pa.Table.from_pydict({n: columns[n] for n in schema.names}, schema=schema)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`_tokenize` results of consecutive image chunks, joined."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

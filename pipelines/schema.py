@@ -36,6 +36,17 @@ TOKEN_SCHEMA = pa.schema(
     ]
 )
 
+# Extra columns of an adaptive-length run (`flextok tokenize --adaptive-...`), after TOKEN_SCHEMA's:
+# the chosen prefix length (equal to `num_tokens` unless the run kept all K tokens) and the latent
+# MSE of the one-step reconstruction from that prefix and from all K tokens (`flextok.adaptive`).
+# Plain runs write TOKEN_SCHEMA alone, so data written before these columns existed reads the same.
+ADAPTIVE_FIELDS = [
+    pa.field("chosen_num_tokens", pa.uint16(), nullable=False),
+    pa.field("reconstruction_mse", pa.float32(), nullable=False),
+    pa.field("full_reconstruction_mse", pa.float32(), nullable=False),
+]
+ADAPTIVE_TOKEN_SCHEMA = pa.schema(list(TOKEN_SCHEMA) + ADAPTIVE_FIELDS)
+
 # One row per input sample that could not be tokenized, under DST/_errors/.
 ERROR_SCHEMA = pa.schema(
     [
@@ -81,6 +92,17 @@ ENCODED_SCHEMA = pa.schema(
     [f for f in DECODED_SCHEMA if f.name not in ("pixels", "pixels_format")]
     + [pa.field("tokens", pa.list_(pa.uint16()))]
 )
+# The same in an adaptive run, plus the adaptive columns (null on error rows) and `candidate_mse`, the
+# MSE at every candidate length, which is summed into the shard's marker (the manifest's
+# quality-vs-length summary) and not kept in rows.
+ADAPTIVE_ENCODED_SCHEMA = pa.schema(
+    list(ENCODED_SCHEMA) + [f.with_nullable(True) for f in ADAPTIVE_FIELDS]
+    + [pa.field("candidate_mse", pa.list_(pa.float32()))]
+)
+
+
+def encoded_schema(adaptive: bool) -> pa.Schema:
+    return ADAPTIVE_ENCODED_SCHEMA if adaptive else ENCODED_SCHEMA
 
 # What the write stage returns to the driver, one row per (piece, shard).
 PIECE_SCHEMA = pa.schema(
@@ -125,8 +147,9 @@ def tokens_array(tokens: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(tokens.reshape(-1), pa.uint16()))
 
 
-def token_rows(encoded: pa.Table) -> pa.Table:
-    """The TOKEN_SCHEMA rows (successes) of an ENCODED_SCHEMA table, in its order."""
+def token_rows(encoded: pa.Table, *, adaptive: bool = False) -> pa.Table:
+    """The TOKEN_SCHEMA rows (successes) of an ENCODED_SCHEMA table, in its order; for an adaptive run
+    the ADAPTIVE_TOKEN_SCHEMA rows of an ADAPTIVE_ENCODED_SCHEMA table."""
     ok = encoded.filter(pc.is_null(encoded["error"]))
     num_tokens = pc.list_value_length(ok["tokens"]).cast(pa.uint16())
     columns = {
@@ -139,7 +162,12 @@ def token_rows(encoded: pa.Table) -> pa.Table:
         "width": ok["width"],
         "height": ok["height"],
     }
-    return pa.Table.from_pydict(columns, schema=TOKEN_SCHEMA)
+    if not adaptive:
+        return pa.Table.from_pydict(columns, schema=TOKEN_SCHEMA)
+    for f in ADAPTIVE_FIELDS:
+        assert ok[f.name].null_count == 0, f"adaptive run with a null {f.name}"
+        columns[f.name] = ok[f.name]
+    return pa.Table.from_pydict(columns, schema=ADAPTIVE_TOKEN_SCHEMA)
 
 
 def error_rows(encoded: pa.Table) -> pa.Table:
@@ -160,11 +188,13 @@ def file_metadata(
     image_size: int,
     class_names: Sequence[str] = (),
     precision: str | None = None,
+    length_target: Mapping[str, Any] | None = None,
 ) -> dict[bytes, bytes]:
     """Key-value metadata stored in every token Parquet file (all values are strings).
 
     `class_names` (the names of the `label` values, when the corpus has them) is stored as JSON;
-    `precision` is the encoder's compute precision (`flextok.precision`), when tokens were encoded.
+    `precision` is the encoder's compute precision (`flextok.precision`), when tokens were encoded;
+    `length_target` (an adaptive run's target, `LengthTarget.describe()`, plus `keep_all_tokens`) as JSON.
     """
     values = {
         "schema_version": SCHEMA_VERSION,
@@ -179,6 +209,8 @@ def file_metadata(
         values["class_names"] = json.dumps([str(n) for n in class_names])
     if precision is not None:
         values["precision"] = precision
+    if length_target is not None:
+        values["length_target"] = json.dumps(dict(length_target), sort_keys=True)
     return {(METADATA_PREFIX + k).encode(): v.encode() for k, v in values.items()}
 
 
@@ -191,7 +223,7 @@ def read_file_metadata(schema: pa.Schema) -> dict[str, Any]:
         if not key.startswith(METADATA_PREFIX):
             continue
         name, value = key[len(METADATA_PREFIX) :], v.decode()
-        if name in ("fsq_levels", "class_names"):
+        if name in ("fsq_levels", "class_names", "length_target"):
             out[name] = json.loads(value)
         elif name in ("codebook_size", "max_tokens", "image_size"):
             out[name] = int(value)

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # Settings the stored tokens depend on; a re-run on the same DST must not change them.
 TOKEN_SETTINGS = ("schema_version", "checkpoint_id", "checkpoint_sha256", "max_tokens", "image_size",
-                  "max_pixels", "min_side", "files_per_shard", "precision", "gpu_decode")
+                  "max_pixels", "min_side", "files_per_shard", "precision", "gpu_decode", "length_target")
 # Those of them that come straight from the job config (checked before the model is even opened).
 _CFG_TOKEN_SETTINGS = ("max_pixels", "min_side", "files_per_shard", "precision", "gpu_decode")
 # What outputs written before a setting was recorded used: every earlier run decoded with Pillow and
@@ -84,9 +84,15 @@ class TokenizeConfig:
     device: str | None = None  # None: CUDA on GPU actors (required), CPU otherwise; "cpu" forces CPU
     io_attempts: int = 8  # tries per storage operation before a shard is left unfinished
     io_retry_delay_s: float = 1.0  # first backoff; doubles per retry, jittered, capped at 30 s
+    length_target: Any = None  # a flextok.adaptive.LengthTarget: adaptive length per image
+    keep_all_tokens: bool = False  # with length_target: store all K tokens, record the chosen length
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.length_target is not None and self.max_tokens is not None:
+            raise ValueError("--max-tokens and an adaptive length target exclude each other")
+        if self.keep_all_tokens and self.length_target is None:
+            raise ValueError("keeping all tokens with a chosen length needs an adaptive length target")
         for name in ("batch_size", "files_per_shard", "read_batch_rows", "max_pixels", "min_side", "io_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -218,7 +224,25 @@ def _token_settings(info: TokenizerInfo, cfg: TokenizeConfig, max_tokens: int, p
         "files_per_shard": cfg.files_per_shard,
         "precision": cfg.precision,
         "gpu_decode": cfg.gpu_decode,
+        "length_target": _length_settings(cfg, info),
     }
+
+
+def _length_settings(cfg: TokenizeConfig, info: TokenizerInfo) -> dict[str, Any] | None:
+    """An adaptive run's target as recorded (settings, file metadata, manifest); None for plain runs."""
+    if cfg.length_target is None:
+        return None
+    return {**cfg.length_target.describe(), "keep_all_tokens": cfg.keep_all_tokens,
+            "candidate_lengths": list(cfg.length_target.lengths(info.num_registers))}
+
+
+def _same_length_target(before: Mapping[str, Any], cfg: TokenizeConfig) -> bool:
+    """Whether a finished DST was made with the length target `cfg` asks for (or both without one)."""
+    recorded = before.get("length_target")
+    if cfg.length_target is None or recorded is None:
+        return cfg.length_target is None and recorded is None
+    asked = {**cfg.length_target.describe(), "keep_all_tokens": cfg.keep_all_tokens}
+    return all(recorded.get(k) == v for k, v in asked.items())
 
 
 def _same_model(before: Mapping[str, Any], checkpoint_id: str, sha256: str | None) -> bool:
@@ -270,7 +294,8 @@ def run_tokenize(cfg: TokenizeConfig, *, encoder_cls: type = TokenizeBatch) -> T
     if not pending and not vanished and store.exists(writer.MANIFEST) and store.exists(writer.RUN_FILE):
         before = store.read_json(writer.RUN_FILE)
         same = _same_model(before, *model_identity(spec, opts_model)) and cfg.max_tokens in (None, before.get("max_tokens"))
-        if same and all(_recorded(before, k) == getattr(cfg, k) for k in _CFG_TOKEN_SETTINGS):
+        if same and _same_length_target(before, cfg) and all(
+                _recorded(before, k) == getattr(cfg, k) for k in _CFG_TOKEN_SETTINGS):
             log.info("nothing to do: %s is complete (%d shards)", redact_url(cfg.output), len(plan.shards))
             return TokenizeResult(cfg.output, store.read_json(writer.MANIFEST), nothing_to_do=True)
 
@@ -330,6 +355,7 @@ def _run_locked(
         checkpoint_id=info.checkpoint_id, checkpoint_sha256=info.checkpoint_sha256,
         codebook_size=info.codebook_size, fsq_levels=info.fsq_levels, max_tokens=max_tokens,
         image_size=info.image_size, class_names=plan.class_names, precision=cfg.precision,
+        length_target=settings["length_target"],
     )
     run, stats = _execute(cfg, pending, skip, spec, info, max_tokens, meta, opts_in, opts_out, encoder_cls, markers)
     store.rm(writer.STAGING_DIR, recursive=True)
@@ -337,9 +363,34 @@ def _run_locked(
     run.update(started=started, wall_time_s=round(time.perf_counter() - wall_start, 3), started_ray=started_ray,
                shards_already_done=len(done))
     # Through JSON so the returned manifest equals what a reader of _manifest.json gets.
-    manifest = json.loads(json.dumps(build_manifest(cfg, plan, info, max_tokens, final_markers, run, opts_in)))
+    manifest = build_manifest(cfg, plan, info, max_tokens, final_markers, run, opts_in, settings["length_target"])
+    if "adaptive" in manifest:
+        manifest["adaptive"]["examples"] = _write_examples(store, spec, final_markers)
+    manifest = json.loads(json.dumps(manifest))
     store.write_json(writer.MANIFEST, manifest)
     return TokenizeResult(cfg.output, manifest, stats=stats)
+
+
+def _write_examples(store: OutputStore, spec: str, markers: list[dict]) -> str | None:
+    """DST/_adaptive_examples.png: rows of the first shard with rows, at their chosen lengths."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pipelines.model import load_model
+    from pipelines.report import EXAMPLES_PICTURE, adaptive_examples
+
+    files = [f for m in markers for f in m["files"] if not f.startswith(writer.ERRORS_DIR)]
+    if not files:
+        return None
+    table = pq.read_table(io.BytesIO(store.read_bytes(files[0])), columns=["tokens", "chosen_num_tokens"])
+    table = table.slice(0, 512)
+    picture = adaptive_examples(load_model(spec, device="cpu"), table.column("tokens").to_pylist(),
+                                table.column("chosen_num_tokens").to_pylist())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    store.write_bytes(EXAMPLES_PICTURE, buffer.getvalue())
+    return EXAMPLES_PICTURE
 
 
 class ShardTracker:
@@ -433,8 +484,9 @@ def build_dataset(
         encode_args["num_gpus"] = actors.gpus_per_actor
     ds = ds.map_batches(
         encoder_cls,
-        fn_constructor_kwargs={"model": spec, "max_tokens": max_tokens, **_device_kwargs(cfg, actors),
-                               **_remote_model_kwargs(spec, cfg, info),
+        fn_constructor_kwargs={"model": spec, "max_tokens": None if cfg.length_target else max_tokens,
+                               "length_target": cfg.length_target, "keep_all_tokens": cfg.keep_all_tokens,
+                               **_device_kwargs(cfg, actors), **_remote_model_kwargs(spec, cfg, info),
                                "num_threads": None if actors.gpus_per_actor else actors.num_threads,
                                "precision": cfg.precision, "compile": cfg.compile,
                                "decode": {"max_pixels": cfg.max_pixels, "min_side": cfg.min_side}},

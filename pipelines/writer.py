@@ -38,10 +38,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipelines.retry import RetryPolicy, call_with_retries
 from pipelines.schema import (
+    ADAPTIVE_ENCODED_SCHEMA,
     ENCODED_SCHEMA,
+    encoded_schema,
     PIECE_SCHEMA,
     error_kind,
     error_rows,
+    read_file_metadata,
     token_rows,
 )
 from pipelines.sources import Shard, filesystem
@@ -162,7 +165,9 @@ def piece_name(indices: np.ndarray) -> str:
 
 
 def write_pieces(batch: pa.Table, store: OutputStore) -> pa.Table:
-    """Stage the rows of an ENCODED_SCHEMA batch, one piece per shard; report them (PIECE_SCHEMA)."""
+    """Stage the rows of an ENCODED_SCHEMA (or ADAPTIVE_ENCODED_SCHEMA) batch, one piece per shard;
+    report them (PIECE_SCHEMA)."""
+    schema = ADAPTIVE_ENCODED_SCHEMA if "candidate_mse" in batch.column_names else ENCODED_SCHEMA
     shards = batch.column("shard").to_numpy(zero_copy_only=False)
     index = batch.column("index").to_numpy()
     totals = batch.column("total").to_numpy()
@@ -177,7 +182,7 @@ def write_pieces(batch: pa.Table, store: OutputStore) -> pa.Table:
             table = batch.filter(pa.array(rows)).sort_by("index")
             indices = table.column("index").to_numpy()
             piece = piece_name(indices)
-            store.write_bytes(f"{STAGING_DIR}/{shard_id}/{piece}", parquet_bytes(table.select(ENCODED_SCHEMA.names)))
+            store.write_bytes(f"{STAGING_DIR}/{shard_id}/{piece}", parquet_bytes(table.select(schema.names)))
         records["shard"].append(shard_id)
         records["piece"].append(piece)
         records["indices"].append(index[rows].tolist())
@@ -196,7 +201,9 @@ def write_pieces_batch(batch: pa.Table, *, output: str, storage_options: Mapping
     return write_pieces(batch, OutputStore(output, storage_options))
 
 
-def _staged_tables(store: OutputStore, shard_id: str, columns: list[str] | None = None) -> list[pa.Table]:
+def _staged_tables(
+    store: OutputStore, shard_id: str, columns: list[str] | None = None, schema: pa.Schema = ENCODED_SCHEMA,
+) -> list[pa.Table]:
     """The readable staged pieces of a shard; a torn or corrupt piece is removed (its rows are redone)."""
     tables = []
     for name in store.listdir(f"{STAGING_DIR}/{shard_id}"):
@@ -205,7 +212,7 @@ def _staged_tables(store: OutputStore, shard_id: str, columns: list[str] | None 
         rel = f"{STAGING_DIR}/{shard_id}/{name}"
         try:
             tables.append(pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns,
-                                        schema=None if columns else ENCODED_SCHEMA))
+                                        schema=None if columns else schema))
         except (pa.ArrowInvalid, OSError, ValueError) as e:
             log.warning("staged piece %s is unreadable (%s): removed, its samples are redone", rel, e)
             store.rm(rel)
@@ -231,10 +238,11 @@ def staged_indices(store: OutputStore, shard_id: str) -> set[int]:
 
 
 # Completion ---------------------------------------------------------------------------------------
-def merge_staged(store: OutputStore, shard_id: str, total: int) -> pa.Table:
+def merge_staged(store: OutputStore, shard_id: str, total: int, *, adaptive: bool = False) -> pa.Table:
     """All staged rows of a shard, sorted by index, each index once; raises if any is missing."""
-    tables = _staged_tables(store, shard_id)
-    table = pa.concat_tables(tables) if tables else ENCODED_SCHEMA.empty_table()
+    schema = encoded_schema(adaptive)
+    tables = _staged_tables(store, shard_id, schema=schema)
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.sort_by("index")
     index = table.column("index").to_numpy()
     if len(index):
@@ -250,8 +258,9 @@ def finalize_shard(
 ) -> dict[str, Any]:
     """Merge a complete shard into its part files, then write its marker, then drop its staging.
     `retries`: storage faults its reader retried in the run that completed it (for the manifest)."""
-    table = merge_staged(store, shard.id, total)
-    tokens = token_rows(table).replace_schema_metadata(dict(metadata))
+    length_target = read_file_metadata(pa.schema([], metadata=dict(metadata))).get("length_target")
+    table = merge_staged(store, shard.id, total, adaptive=length_target is not None)
+    tokens = token_rows(table, adaptive=length_target is not None).replace_schema_metadata(dict(metadata))
     errors = error_rows(table)
     files = []
     for rel, rows in ((part_name(shard.id), tokens), (f"{ERRORS_DIR}/{part_name(shard.id)}", errors)):
@@ -275,10 +284,34 @@ def finalize_shard(
         "files": files,
         "retries": retries,
     }
+    if length_target is not None:
+        marker["adaptive"] = adaptive_summary(table, tokens, length_target)
     assert marker["rows"] + marker["errors"] == total, f"shard {shard.id}: rows + errors != inputs"
     store.write_json(f"{DONE_DIR}/{shard.id}.json", marker)
     store.rm(f"{STAGING_DIR}/{shard.id}", recursive=True)
     return marker
+
+
+def adaptive_summary(encoded: pa.Table, tokens: pa.Table, length_target: Mapping[str, Any]) -> dict[str, Any]:
+    """What a shard adds to the manifest's adaptive-length summary: the chosen-length histogram, the
+    summed MSE at every candidate length (mean error vs length over the corpus), the summed MSE of the
+    chosen prefixes and of all K tokens, and the rows that missed an absolute target even at K."""
+    ok = encoded.filter(pc.is_null(encoded["error"]))
+    chosen = tokens.column("chosen_num_tokens").to_numpy()
+    mse = tokens.column("reconstruction_mse").to_numpy().astype(np.float64)
+    candidate = ok.column("candidate_mse")
+    num_candidates = len(candidate[0]) if len(candidate) else 0
+    sums = (np.asarray(pc.list_flatten(candidate).to_numpy(), np.float64).reshape(-1, num_candidates).sum(0)
+            if num_candidates else np.zeros(0))
+    bound = length_target.get("max_error")
+    return {
+        "chosen_length_histogram": {str(k): v for k, v in sorted(Counter(chosen.tolist()).items())},
+        "candidate_mse_sum": [float(x) for x in sums],
+        "chosen_mse_sum": float(mse.sum()),
+        "full_mse_sum": float(tokens.column("full_reconstruction_mse").to_numpy().astype(np.float64).sum()),
+        "tokens_sum": int(chosen.sum()),
+        "rows_missing_target": int((mse > bound).sum()) if bound is not None else 0,
+    }
 
 
 def finalize_shard_task(
@@ -341,4 +374,27 @@ def aggregate(markers: list[dict[str, Any]]) -> dict[str, Any]:
         "errors_by_kind": dict(kinds.most_common()),
         "errors_by_stage": dict(sorted(stages.items())),
     }
-    return {"counts": counts, "token_length_histogram": {str(k): v for k, v in sorted(lengths.items())}}
+    out = {"counts": counts, "token_length_histogram": {str(k): v for k, v in sorted(lengths.items())}}
+    adaptive = [m["adaptive"] for m in markers if "adaptive" in m]
+    if adaptive:
+        out["adaptive_totals"] = aggregate_adaptive(adaptive)
+    return out
+
+
+def aggregate_adaptive(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum shards' `adaptive_summary`s (the manifest turns the sums into means)."""
+    chosen: Counter = Counter()
+    for p in parts:
+        chosen.update({int(k): v for k, v in p["chosen_length_histogram"].items()})
+    widths = {len(p["candidate_mse_sum"]) for p in parts if p["candidate_mse_sum"]}
+    assert len(widths) <= 1, "shards measured different candidate lengths"
+    width = widths.pop() if widths else 0
+    candidate = np.zeros(width)
+    for p in parts:
+        if p["candidate_mse_sum"]:
+            candidate += np.asarray(p["candidate_mse_sum"])
+    return {
+        "chosen_length_histogram": {str(k): v for k, v in sorted(chosen.items())},
+        "candidate_mse_sum": [float(x) for x in candidate],
+        **{k: sum(p[k] for p in parts) for k in ("chosen_mse_sum", "full_mse_sum", "tokens_sum", "rows_missing_target")},
+    }
