@@ -183,9 +183,12 @@ class GenerationResult:
     accuracy: list[float | None]
     reference_floor_fid: float | None = None  # see `reference_floor_fid`
     grid: torch.Tensor | None = None  # (R, len(ks), 3, H, W): one sample per condition and k
+    mean_tokens: list[float] = field(default_factory=list)  # per k: tokens per sample (< k where EOS ends it)
+    length_histograms: list[dict[int, int]] = field(default_factory=list)  # per k: samples per length
 
     def per_k(self) -> list[dict[str, Any]]:
-        return [{"k": k, "fid": f, "class_accuracy": a} for k, f, a in zip(self.ks, self.fid, self.accuracy)]
+        return [{"k": k, "fid": f, "class_accuracy": a, "mean_tokens": m}
+                for k, f, a, m in zip(self.ks, self.fid, self.accuracy, self.mean_tokens)]
 
 
 def reference_floor_fid(features: torch.Tensor, num_samples: int, seed: int = 0) -> float | None:
@@ -227,12 +230,15 @@ def generation_metrics(
     if not ks or ks[0] < 1 or ks[-1] > generator.max_tokens:
         raise ValueError(f"token counts must be in 1..{generator.max_tokens}, got {ks}")
     device = next(generator.parameters()).device
-    fids, accs, columns = [], [], []
+    fids, accs, columns, means, histograms = [], [], [], [], []
     for i, k in enumerate(ks):
-        _, images = sample(
+        tokens, images = sample(
             generator, tokenizer, conditions, num_tokens=k, batch_size=batch_size,
             rng=_seeded(seed, i, device), **sampling,
         )
+        lengths = (tokens >= 0).sum(dim=1)  # an EOS generator pads after its end with negative ids
+        means.append(float(lengths.float().mean()))
+        histograms.append({int(n): int(c) for n, c in zip(*lengths.unique(return_counts=True))})
         stats = FeatureStats.of(extract_features(feature_net, images, batch_size=batch_size))
         fids.append(frechet_distance_stats(stats, reference))
         if classifier is not None and targets is not None:
@@ -243,7 +249,7 @@ def generation_metrics(
             columns.append(images[list(grid_conditions)])
         if progress is not None:
             acc = f", class accuracy {accs[-1]:.3f}" if accs[-1] is not None else ""
-            progress(f"k={k}: {len(conditions)} samples, FID {fids[-1]:.2f}{acc}")
+            progress(f"k={k}: {len(conditions)} samples of {means[-1]:.1f} tokens on average, FID {fids[-1]:.2f}{acc}")
     grid = torch.stack(columns, dim=1) if columns else None  # (R, len(ks), 3, H, W)
     return GenerationResult(ks=ks, num_samples=len(conditions), feature_space=feature_net.feature_space,
-                            fid=fids, accuracy=accs, grid=grid)
+                            fid=fids, accuracy=accs, grid=grid, mean_tokens=means, length_histograms=histograms)

@@ -36,6 +36,7 @@ from flextok.text_encoder import TextEncoder, load_text_encoder
 
 CHECKPOINT_KIND = "Generator"
 IGNORE_INDEX = -100  # target value of padding in ragged token batches
+PAD_ID = -1  # what `generate` puts after a sequence's end (EOS generators); detokenize skips it
 
 TextCondition = tuple[torch.Tensor, torch.Tensor]
 Condition = torch.Tensor | Sequence[int] | Sequence[str] | TextCondition
@@ -139,19 +140,41 @@ def pad_tokens(tokens: torch.Tensor | Sequence[torch.Tensor], max_tokens: int) -
     return padded.where(padded >= 0, IGNORE_INDEX)
 
 
+def append_eos(targets: torch.Tensor, eos_id: int, max_tokens: int) -> torch.Tensor:
+    """(B, T) targets padded with IGNORE_INDEX -> (B, min(T + 1, K)) with EOS right after every row
+    shorter than K (a row of K tokens ends at the cap and gets none)."""
+    lengths = (targets != IGNORE_INDEX).sum(dim=1)  # (B,)
+    width = min(targets.shape[1] + 1, max_tokens)
+    out = F.pad(targets, (0, width - targets.shape[1]), value=IGNORE_INDEX)
+    short = lengths < max_tokens
+    out[short.nonzero().squeeze(1), lengths[short]] = eos_id
+    return out
+
+
+def token_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids from `generate` -> (B,) tokens per row (entries before the first PAD_ID)."""
+    return (tokens >= 0).sum(dim=1)
+
+
 def sample_logits(
     logits: torch.Tensor,
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Draw one id per row from logits (B, V); temperature 0 is greedy (argmax).
 
     With top-k or top-p the draw runs over the sorted candidates only (B, k), which is much cheaper
-    than a draw over a 64,000-entry vocabulary.
+    than a draw over a 64,000-entry vocabulary. `generator` may be one per row (a list of B): row i's
+    draw then depends on its own generator only, whatever else is in the batch.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != logits.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows")
+        return torch.cat([sample_logits(logits[i : i + 1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                        generator=g) for i, g in enumerate(generator)])
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -262,7 +285,8 @@ class Generator(nn.Module):
 
         Args:
             tokens: (B, T) ids (negative = padding after a row's tokens) or a list of 1D id tensors
-                of lengths 1..K (coarse-to-fine prefixes of any length).
+                of lengths 1..K (coarse-to-fine prefixes of any length). With `use_eos`, every row
+                shorter than K is also taught to end: the target after its last token is EOS.
             cond: B conditions; in training mode each is replaced by the null one with
                 `config.cond_dropout_prob`, drawn from `generator`.
         """
@@ -275,6 +299,8 @@ class Generator(nn.Module):
             raise ValueError("the batch holds no tokens")
         if int(targets.max()) >= self.config.codebook_size:
             raise ValueError(f"token ids must be < codebook_size={self.config.codebook_size}")
+        if self.config.use_eos:
+            targets = append_eos(targets, self.config.eos_id, self.config.max_tokens)
         inputs = targets[:, :-1].clamp(min=0)  # padding never reaches a real target (causality)
         logits = self.gpt(prefix, inputs, prefix_mask)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -290,16 +316,23 @@ class Generator(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         cfg_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         use_kv_cache: bool = True,
     ) -> torch.Tensor:
         """Sample token sequences (B, num_tokens) coarse to fine, num_tokens in 1..K (default K).
+
+        A fixed-length generator fills every row. A generator with an end-of-sequence id stops each
+        row where it samples EOS (never before its first token): `num_tokens` is then a cap, the rest
+        of the row is PAD_ID (-1; `detokenize` and `token_lengths` read it as the end), and finished
+        rows leave the batch and its KV cache, so they cost no more compute.
 
         Args:
             cfg_scale: None samples conditionally only. A number s runs each condition with the null
                 condition in one batch and samples from cond + (s - 1) * (cond - uncond) logits, so
                 s = 1 is conditional sampling and s = 0 unconditional.
             temperature: 0 is greedy decoding.
+            generator: one torch.Generator for the batch, or one per row (a row's samples then do not
+                depend on the rest of the batch: batched generation equals one row at a time).
             use_kv_cache: False recomputes the whole sequence every step (reference and benchmark).
         """
         num_tokens = self.config.max_tokens if num_tokens is None else int(num_tokens)
@@ -309,27 +342,46 @@ class Generator(nn.Module):
             raise ValueError("need temperature >= 0, top_k >= 1 and 0 < top_p <= 1")
         prefix, prefix_mask = self.embed_condition(cond)
         B = prefix.shape[0]
+        per_row = isinstance(generator, (list, tuple))
+        if per_row and len(generator) != B:
+            raise ValueError(f"{len(generator)} generators for {B} conditions")
         if cfg_scale is not None:  # rows [cond ; uncond], one forward for both
             null_prefix, null_mask = self.null_condition(B)
             prefix = torch.cat([prefix, null_prefix.to(prefix.dtype)])  # (2B, L, D)
             if prefix_mask is not None:
                 prefix_mask = torch.cat([prefix_mask, null_mask])  # (2B, L)
-        out = torch.empty(B, num_tokens, dtype=torch.long, device=prefix.device)
+        eos = self.config.eos_id
+        out = torch.full((B, num_tokens), PAD_ID, dtype=torch.long, device=prefix.device)
+        active = torch.arange(B, device=prefix.device)  # rows of `out` still generating
+        twice = (lambda x: x) if cfg_scale is None else (lambda x: torch.cat([x, x]))  # noqa: E731
         if use_kv_cache:
             logits, cache = self.gpt.prefill(prefix, prefix_mask, num_tokens=num_tokens)
         for j in range(num_tokens):
             if not use_kv_cache:
-                inputs = out[:, :j] if cfg_scale is None else out[:, :j].repeat(2, 1)
+                inputs = twice(out[active, :j])
                 logits = self.gpt.next_token_logits(prefix, inputs, prefix_mask)
             if cfg_scale is not None:
                 cond_logits, uncond_logits = logits.float().chunk(2)
                 logits = cond_logits + (cfg_scale - 1.0) * (cond_logits - uncond_logits)
-            out[:, j] = sample_logits(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
+            if eos is not None and j == 0:  # every sequence holds at least one token
+                logits = logits.float().index_fill(-1, torch.tensor([eos], device=logits.device), float("-inf"))
+            rows_gen = [generator[i] for i in active.tolist()] if per_row else generator
+            step = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=rows_gen)
+            if eos is not None:
+                going = step != eos  # (n,)
+                out[active[going], j] = step[going]
+                if not bool(going.all()):  # finished rows leave the batch, its prefix and its cache
+                    active, step, keep = active[going], step[going], twice(going)
+                    prefix = prefix[keep]
+                    prefix_mask = prefix_mask[keep] if prefix_mask is not None else None
+                    if use_kv_cache:
+                        cache.select(keep)
+                    if active.numel() == 0:
+                        break
+            else:
+                out[:, j] = step
             if use_kv_cache and j + 1 < num_tokens:
-                step = out[:, j] if cfg_scale is None else out[:, j].repeat(2)
-                logits = self.gpt.decode_step(step, cache)
+                logits = self.gpt.decode_step(twice(step), cache)
         return out
 
     # Checkpoints ---------------------------------------------------------------------------------

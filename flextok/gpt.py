@@ -9,8 +9,10 @@ checkpoints; those are the process around the network, in `flextok.generator`.
 Sequence layout: `[prefix ; tokens]`, where the prefix is L condition embeddings (L = 1 for a class,
 up to L text-encoder states for a caption) and tokens are FSQ ids embedded by a table. There is no
 BOS token: the output at the last prefix position predicts token 0 and the output at token j
-predicts token j + 1, so the vocabulary is exactly the codebook (V = codebook_size) and the longest
-sequence the network sees is L + K - 1. Padding inside the prefix (short captions) is hidden from
+predicts token j + 1, so the vocabulary is the codebook (V = codebook_size), plus one end-of-sequence
+id (`eos_id` = codebook_size, V = codebook_size + 1) for a generator that decides its own length
+(`use_eos`), and the longest sequence the network sees is L + K - 1 (a row of all K tokens ends at
+the cap: it needs no EOS). Padding inside the prefix (short captions) is hidden from
 every other position by an attention mask; padding of ragged token sequences needs no mask, since
 causality keeps it out of every earlier position and the loss ignores it.
 
@@ -49,7 +51,9 @@ class GPTConfig:
     `codebook_size` and `max_tokens` (K) come from the tokenizer (`for_tokenizer`). Class models use
     `num_classes` (one prefix token; one extra null class for CFG); text models use `text_encoder`,
     `text_dim` and `num_prefix_tokens` (the longest caption in encoder tokens). Fields of the other
-    condition type stay None; None text fields default to the offline MiniLM encoder.
+    condition type stay None; None text fields default to the offline MiniLM encoder. `use_eos` adds
+    an end-of-sequence id after the codebook: the generator is trained on variable-length rows and
+    stops each sample where it chooses (K at most).
     """
 
     codebook_size: int = 64_000
@@ -65,6 +69,7 @@ class GPTConfig:
     cond_dropout_prob: float = 0.1
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
+    use_eos: bool = False
 
     def __post_init__(self) -> None:
         def fill(name: str, value: Any) -> None:
@@ -79,6 +84,8 @@ class GPTConfig:
             "text_dim": (1, WIDTH_LIMIT), "num_prefix_tokens": (1, TOKENS_LIMIT),
         }, optional=("num_classes", "text_dim", "num_prefix_tokens"))
         check_float_fields(self, ("cond_dropout_prob", "rope_base", "norm_eps"))
+        if not isinstance(self.use_eos, bool):
+            raise ValueError(f"GPTConfig.use_eos must be true or false, got {self.use_eos!r}")
         if self.cond == "class":
             if self.text_encoder is not None or self.text_dim is not None:
                 raise ValueError("a class-conditional GPTConfig takes no text_encoder / text_dim")
@@ -115,8 +122,13 @@ class GPTConfig:
     # Derived sizes -------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        """Output classes = input ids = the codebook; no special tokens are needed (see module doc)."""
-        return self.codebook_size
+        """Output classes = input ids = the codebook, plus the end-of-sequence id with `use_eos`."""
+        return self.codebook_size + int(self.use_eos)
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-sequence id (outside the codebook), or None for a fixed-length generator."""
+        return self.codebook_size if self.use_eos else None
 
     @property
     def head_dim(self) -> int:
@@ -227,6 +239,13 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices or a bool mask over the batch): finished sequences leave the batch."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows]
 
 
 class Attention(nn.Module):

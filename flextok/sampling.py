@@ -178,7 +178,8 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample per condition (class ids or captions), in batches.
 
-    Returns tokens (N, num_tokens) int64 and images (N, 3, H, W) fp32 in [-1, 1], both on CPU.
+    Returns tokens (N, num_tokens) int64 (after an EOS generator's end: PAD_ID, -1) and images
+    (N, 3, H, W) fp32 in [-1, 1], both on CPU.
     `on_batch(done, total)` reports progress; `precision` is one of `flextok.precision.PRECISIONS`
     (the generator and the decoder run under it; sampling, FSQ and the Euler state stay fp32).
     """

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                    help="generator and decoder precision; auto = bf16 on CUDA, fp32 on CPU (default %(default)s)")
     g.add_argument("--grid-conditions", type=positive_int, default=10, help="rows of the sample grid (default %(default)s)")
+    g.add_argument("--baseline", default=None, metavar="METRICS.json",
+                   help="an `evaluate generator` metrics.json of a fixed-length generator (same data and judge): "
+                   "the report then says how many tokens per image this generator saves at equal quality")
     _common(g)
 
     c = sub.add_parser("train-classifier", help="train the judge classifier on a corpus's labels",
@@ -367,6 +370,7 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
         decoder_guidance=args.decoder_guidance, decoder_apg=args.decoder_apg, precision=precision,
     )
     result.reference_floor_fid = reference_floor_fid(ref_features, n, seed=args.seed)
+    lengths = _length_report(generator, gen_path, tokenizer, corpus, result, args) if generator.config.use_eos else None
     real_accuracy = None
     if classifier is not None and bool((corpus.labels >= 0).any()):
         valid = corpus.labels >= 0
@@ -394,12 +398,20 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
         "per_k": result.per_k(),
         "seconds": round(seconds, 1),
     }
+    pictures = []
+    if lengths is not None:
+        metrics["lengths"] = lengths
+        hist = {"samples": lengths["samples"]["histogram"]}
+        if lengths.get("data"):
+            hist["held-out images (adaptive tokenizer)"] = lengths["data"]["histogram"]
+        _plot_lengths(out / "lengths.png", hist, generator.max_tokens)
+        pictures.append("lengths.png")
     _write_json(out / "metrics.json", metrics)
     label = _fid_label(result.feature_space)
     viz.plot_vs_k(out / "fid_vs_k.png", result.ks, {label: result.fid}, ylabel=label,
                   baselines={"real held-out images": result.reference_floor_fid} if result.reference_floor_fid else None,
                   title=f"{gen_path.name}: {n} samples per k")
-    pictures = ["fid_vs_k.png"]
+    pictures.append("fid_vs_k.png")
     if any(a is not None for a in result.accuracy):
         viz.plot_vs_k(out / "accuracy_vs_k.png", result.ks, {"samples": [a or 0.0 for a in result.accuracy]},
                       ylabel="classified as the asked class",
@@ -441,10 +453,87 @@ def _write_generator_report(path: Path, metrics: dict, pictures: list[str]) -> N
     if metrics["classifier"]:
         lines.append(f"- judge: `{metrics['classifier']['checkpoint_id']}`, accuracy on the real held-out images "
                      f"{_fmt(metrics['classifier_accuracy_on_reference'], 3)}")
-    lines += ["", "| k | FID | class accuracy |", "|---|---|---|"]
-    lines += [f"| {r['k']} | {r['fid']:.2f} | {_fmt(r['class_accuracy'], 3)} |" for r in metrics["per_k"]]
+    lengths = metrics.get("lengths")
+    if lengths is None:
+        lines += ["", "| k | FID | class accuracy |", "|---|---|---|"]
+        lines += [f"| {r['k']} | {r['fid']:.2f} | {_fmt(r['class_accuracy'], 3)} |" for r in metrics["per_k"]]
+    else:
+        lines += ["", "The generator ends each sample with its end-of-sequence token; k is the cap.", "",
+                  "| cap k | tokens per sample | FID | class accuracy |", "|---|---|---|---|"]
+        lines += [f"| {r['k']} | {r['mean_tokens']:.2f} | {r['fid']:.2f} | {_fmt(r['class_accuracy'], 3)} |"
+                  for r in metrics["per_k"]]
+        lines += ["", f"- samples at cap {lengths['cap']}: {lengths['samples']['mean']:.2f} tokens on average"]
+        if lengths.get("data"):
+            d = lengths["data"]
+            lines.append(f"- held-out images, adaptive lengths of the tokenizer ({d['target']}): {d['mean']:.2f} "
+                         f"tokens on average; samples / data = {lengths['samples']['mean'] / d['mean']:.3f}")
+        if lengths.get("baseline"):
+            b = lengths["baseline"]
+            lines.append(f"- equal quality vs the fixed-length generator `{b['generator']}`: {b['summary']}")
     lines += [""] + [f"![{p}]({p})" for p in pictures] + [""]
     path.write_text("\n".join(lines))
+
+
+def _length_report(generator, gen_path, tokenizer, corpus, result, args) -> dict:
+    """An EOS generator's lengths: samples at the largest cap, the held-out images' adaptive lengths
+    under the target its training tokens were chosen with (recorded in the checkpoint), and with
+    --baseline the tokens a fixed-length generator needs for the same quality."""
+    import torch
+
+    from flextok.adaptive import LengthTarget
+    from flextok.checkpoint import read_metadata
+
+    cap = result.ks[-1]
+    hist = result.length_histograms[-1]
+    out: dict = {"cap": cap, "samples": {"mean": result.mean_tokens[-1], "histogram": hist}}
+    recorded = read_metadata(gen_path).get("length_target")
+    if recorded:
+        target_fields = json.loads(recorded)
+        target = LengthTarget(max_relative_error=target_fields.get("max_relative_error"),
+                              max_error=target_fields.get("max_error"), candidates=_candidates(target_fields),
+                              noise_seed=target_fields.get("noise_seed", 0))
+        images = corpus.images[: args.num_samples].float() / 127.5 - 1
+        chosen = torch.cat([tokenizer.tokenize_adaptive(images[i : i + args.batch_size].to(tokenizer.device),
+                                                        target).num_tokens.cpu()
+                            for i in range(0, len(images), args.batch_size)])
+        described = (f"within {100 * target.max_relative_error:g}% of all K's error" if target.max_error is None
+                     else f"MSE <= {target.max_error:g}")
+        out["data"] = {"mean": float(chosen.float().mean()), "target": described, "images": len(images),
+                       "histogram": {int(n): int(c) for n, c in zip(*chosen.unique(return_counts=True))}}
+    if args.baseline:
+        out["baseline"] = _equal_quality(json.loads(Path(args.baseline).read_text()), result)
+    return out
+
+
+def _candidates(fields: dict):
+    c = fields.get("candidates")
+    return tuple(c) if isinstance(c, list) else c
+
+
+def _equal_quality(baseline: dict, result) -> dict:
+    """The fewest tokens a fixed-length generator (its metrics.json) needs to match this generator's
+    class accuracy (and, separately, its FID) at the largest cap."""
+    rows = sorted(baseline["per_k"], key=lambda r: r["k"])
+    acc, fid, mean = result.accuracy[-1], result.fid[-1], result.mean_tokens[-1]
+    k_acc = next((r["k"] for r in rows if acc is not None and r["class_accuracy"] is not None
+                  and r["class_accuracy"] >= acc), None)
+    k_fid = next((r["k"] for r in rows if r["fid"] <= fid), None)
+    parts = []
+    for what, k in (("class accuracy", k_acc), ("FID", k_fid)):
+        parts.append(f"its {what} needs k = {k} tokens per image (this generator: {mean:.2f}, "
+                     f"{100 * (1 - mean / k):.0f}% fewer)" if k else f"no k reaches this generator's {what}")
+    return {"generator": baseline["generator"]["checkpoint_id"], "k_for_accuracy": k_acc, "k_for_fid": k_fid,
+            "mean_tokens": mean, "summary": "; ".join(parts)}
+
+
+def _plot_lengths(path: Path, histograms: dict, max_tokens: int) -> None:
+    """Share of samples per length, one series per histogram."""
+    from flextok import viz
+
+    lengths = sorted({int(k) for h in histograms.values() for k in h} | {1, max_tokens})
+    series = {name: [h.get(k, h.get(str(k), 0)) / max(1, sum(h.values())) for k in lengths]
+              for name, h in histograms.items()}
+    viz.plot_vs_k(path, lengths, series, ylabel="share of images", title="tokens per image")
 
 
 # train-classifier ---------------------------------------------------------------------------------

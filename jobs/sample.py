@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "0,3,7); class names work when the generator or --class-names knows them")
     cond.add_argument("--prompts", nargs="+", metavar="TEXT",
                       help="captions for a text-conditional generator, one quoted argument each")
-    p.add_argument("--num-tokens", required=True, type=positive_int, metavar="K",
-                   help="tokens per image, 1..K of the tokenizer (fewer = coarser images)")
+    p.add_argument("--num-tokens", type=positive_int, default=None, metavar="K",
+                   help="tokens per image, 1..K of the tokenizer (fewer = coarser images); for a generator with an "
+                   "end-of-sequence token, the most tokens per image (it stops each image where it chooses). "
+                   "Default: K")
     p.add_argument("--out", required=True, type=Path, metavar="GRID.png", help="grid PNG to write")
     p.add_argument("--per-condition", type=positive_int, default=4, help="samples per class or prompt (default %(default)s)")
     p.add_argument("--cfg-scale", type=finite_float, default=3.0,
@@ -144,14 +146,19 @@ def write_tokens(path: Path, tokens, conditions: Sequence[int | str], *, is_clas
 
     from pipelines.schema import TOKEN_SCHEMA, file_metadata, tokens_array
 
-    n, k = tokens.shape
+    from flextok.generator import token_lengths
+
+    n = tokens.shape[0]
     per = n // len(conditions)
     keys = [f"sample/{i // per:04d}/{i % per:04d}" for i in range(n)]
     expanded = [c for c in conditions for _ in range(per)]
+    lengths = token_lengths(tokens).numpy()
+    rows = tokens_array(tokens.numpy()) if bool((lengths == tokens.shape[1]).all()) else pa.array(
+        [row[:k].tolist() for row, k in zip(tokens, lengths)], pa.list_(pa.uint16()))  # ends at each EOS
     columns = {
         "key": pa.array(keys, pa.string()),
-        "tokens": tokens_array(tokens.numpy()),
-        "num_tokens": pa.array(np.full(n, k, np.uint16), pa.uint16()),
+        "tokens": rows,
+        "num_tokens": pa.array(lengths.astype(np.uint16), pa.uint16()),
         "label": pa.array([int(c) if is_class else None for c in expanded], pa.int32()),
         "caption": pa.array([None if is_class else str(c) for c in expanded], pa.string()),
         "source": pa.array([generator_path] * n, pa.string()),
@@ -206,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         if len(conditions) != len(args.prompts):
             raise ValueError("--prompts: empty prompt")
         row_labels = list(conditions)
+    args.num_tokens = args.num_tokens or generator.max_tokens
     if args.num_tokens > generator.max_tokens:
         raise ValueError(f"--num-tokens {args.num_tokens} exceeds this generator's K = {generator.max_tokens}")
 
@@ -232,7 +240,14 @@ def _run(args: argparse.Namespace) -> int:
     R = len(conditions)
     grid = images.view(R, per, *images.shape[1:])  # (R, per, 3, H, W)
     out = viz.save_grid(args.out, grid, row_labels=row_labels)
-    lines = [f"grid {out} ({R} conditions x {per}, k={args.num_tokens})"]
+    if generator.config.use_eos:
+        from flextok.generator import token_lengths
+
+        lengths = token_lengths(tokens).float()
+        k_text = f"k chosen by the generator: mean {lengths.mean():.1f}, {int(lengths.min())}..{int(lengths.max())} of at most {args.num_tokens}"
+    else:
+        k_text = f"k={args.num_tokens}"
+    lines = [f"grid {out} ({R} conditions x {per}, {k_text})"]
 
     if args.save_images is not None:
         args.save_images.mkdir(parents=True, exist_ok=True)

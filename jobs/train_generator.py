@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-text-tokens", type=positive_int, default=None,
                    help="captions are cut to this many encoder tokens (default 32)")
     g.add_argument("--cond-dropout", type=float, default=None, help="probability of the null condition (CFG)")
+    g.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="an end-of-sequence id after the codebook: the generator learns where each row ends and "
+                   "stops there when sampling. Default: on for tokens of an adaptive-length run "
+                   "(`flextok tokenize --adaptive-...`), off otherwise")
     g = p.add_argument_group("grids")
     g.add_argument("--grid-conditions", type=positive_int, default=8, help="classes or captions per grid (default %(default)s)")
     g.add_argument("--grid-per-condition", type=positive_int, default=4, help="samples each (default %(default)s)")
@@ -73,8 +77,8 @@ def init_config(args: argparse.Namespace, data, init_path: str):
     from flextok.gpt import GPTConfig
     from training.runs import keeps_tokens_of
 
-    shaped = [flag for flag in ("preset", "depth", "dim", "num_heads", "num_classes", "text_encoder", "max_text_tokens")
-              if getattr(args, flag) is not None]
+    shaped = [flag for flag in ("preset", "depth", "dim", "num_heads", "num_classes", "text_encoder", "max_text_tokens",
+                                "eos") if getattr(args, flag) is not None]
     if shaped:
         raise ValueError(f"--init takes the architecture from {init_path}; drop "
                          + ", ".join("--" + f.replace("_", "-") for f in shaped))
@@ -96,11 +100,22 @@ def init_config(args: argparse.Namespace, data, init_path: str):
     return config.replace(cond_dropout_prob=args.cond_dropout) if args.cond_dropout is not None else config
 
 
+def use_eos(args: argparse.Namespace, data) -> bool:
+    """--eos as given, else whether DST's rows are adaptive-length prefixes."""
+    target = data.metadata.get("length_target")
+    if target and target.get("keep_all_tokens") and args.eos:
+        raise ValueError(f"{args.tokens} stores all K tokens per row (--adaptive-keep-all): an EOS generator needs "
+                         "the chosen prefixes; tokenize without --adaptive-keep-all")
+    if args.eos is not None:
+        return args.eos
+    return bool(target) and not target.get("keep_all_tokens")
+
+
 def generator_config(args: argparse.Namespace, data):
     from flextok.gpt import GPTConfig
 
     changes: dict[str, Any] = {"codebook_size": data.metadata["codebook_size"], "max_tokens": data.metadata["max_tokens"],
-                               "cond": args.cond}
+                               "cond": args.cond, "use_eos": use_eos(args, data)}
     for flag, field in (("depth", "depth"), ("dim", "dim"), ("num_heads", "num_heads"),
                         ("cond_dropout", "cond_dropout_prob")):
         if getattr(args, flag) is not None:
@@ -158,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer_path=resolve_grid_tokenizer(args.tokenizer, md), grid_conditions=args.grid_conditions,
         grid_per_condition=args.grid_per_condition, grid_cfg=args.grid_cfg, grid_steps=args.grid_steps,
         class_names=class_names, init_path=init_path, init_sha256=init_sha256,
+        length_target=json.dumps(md["length_target"], sort_keys=True) if md.get("length_target") else None,
     )
 
     val = None

@@ -141,11 +141,12 @@ def summary_text(manifest: dict[str, Any], *, nothing_to_do: bool = False) -> st
         lines.append(f"  adaptive {goal} ({stored}): {adaptive['mean_tokens']:.2f} tokens per image on average, "
                      f"mean MSE {adaptive['mean_chosen_mse']:.4f} (all tokens {adaptive['mean_full_mse']:.4f}), "
                      f"{adaptive['rows_missing_target']:,} rows missed the target")
-        chosen = adaptive["chosen_length_histogram"]
-        top = max(chosen.values(), default=0)
-        lines.append("  chosen length (histogram):")
-        for k, n in chosen.items():
-            lines.append(f"           {k:>5}  {n:>8,}  {_bar(n, top)}")
+        if target.get("keep_all_tokens") or len(manifest["token_length_histogram"]) > 12:
+            chosen = adaptive["chosen_length_histogram"]
+            top = max(chosen.values(), default=0)
+            lines.append("  chosen length (histogram):")
+            for k, n in sorted(chosen.items(), key=lambda item: int(item[0])):
+                lines.append(f"           {k:>5}  {n:>8,}  {_bar(n, top)}")
     lines.append(f"  manifest {manifest['output'].rstrip('/')}/{writer.MANIFEST}")
     return "\n".join(lines)
 

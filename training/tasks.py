@@ -154,6 +154,7 @@ class GeneratorTask:
     class_names: tuple[str, ...] = ()  # names of the labels, recorded in the checkpoint for `flextok sample`
     init_path: str | None = None  # fine-tuning: the weights to start from
     init_sha256: str | None = None
+    length_target: str | None = None  # JSON: the adaptive-length target of the training tokens, if any
     grid_conditions: int = 8
     grid_per_condition: int = 4
     grid_cfg: float = 3.0
@@ -201,6 +202,8 @@ class GeneratorTask:
         extra: dict[str, Any] = {"step": step}
         if self.class_names:
             extra["class_names"] = list(self.class_names)
+        if self.length_target:  # `evaluate generator` compares the lengths it samples with the data's
+            extra["length_target"] = self.length_target
         model.save_pretrained(path, extra=extra)
 
     def _tokenizer(self, device):
@@ -227,7 +230,7 @@ class GeneratorTask:
         expanded = [c for c in conditions for _ in range(n)]
         cond = torch.tensor(expanded, device=device) if self.config.cond == "class" else encode_captions(
             self._encoder(device), expanded)
-        tokens = model.generate(cond, cfg_scale=self.grid_cfg, generator=g)  # (R * n, K)
+        tokens = model.generate(cond, cfg_scale=self.grid_cfg, generator=g)  # (R * n, K); -1 after an EOS
         images = self._tokenizer(device).detokenize(tokens, steps=self.grid_steps, generator=g)
         return images.view(len(conditions), n, *images.shape[1:]), labels, None  # (R, n, 3, H, W)
 

