@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from flextok.checkpoint import (
     save_checkpoint,
 )
 from flextok.gpt import GPT, GPTConfig
+from flextok.packing import packed_attention_mask, plan_packing
 from flextok.text_encoder import TextEncoder, load_text_encoder
 
 CHECKPOINT_KIND = "Generator"
@@ -40,6 +42,16 @@ PAD_ID = -1  # what `generate` puts after a sequence's end (EOS generators); det
 
 TextCondition = tuple[torch.Tensor, torch.Tensor]
 Condition = torch.Tensor | Sequence[int] | Sequence[str] | TextCondition
+
+
+@dataclass(frozen=True)
+class PackedLoss:
+    """`Generator.forward_packed`'s result."""
+
+    loss: torch.Tensor  # () mean over every target of the batch, as `forward` returns
+    per_sequence: torch.Tensor  # (B,) each sequence's mean loss
+    padding_fraction: float  # share of the packed positions that held no sequence
+    num_rows: int
 
 
 def _drop_rows(batch_size: int, prob: float, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -291,6 +303,13 @@ class Generator(nn.Module):
                 `config.cond_dropout_prob`, drawn from `generator`.
         """
         prefix, prefix_mask = self.embed_condition(cond, train=self.training, generator=generator)
+        targets = self._targets(tokens, prefix)  # (B, T)
+        inputs = targets[:, :-1].clamp(min=0)  # padding never reaches a real target (causality)
+        logits = self.gpt(prefix, inputs, prefix_mask)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    def _targets(self, tokens: torch.Tensor | Sequence[torch.Tensor], prefix: torch.Tensor) -> torch.Tensor:
+        """Ragged rows -> checked (B, T) targets padded with IGNORE_INDEX (EOS appended with `use_eos`)."""
         targets = pad_tokens(tokens, self.config.max_tokens).to(prefix.device)  # (B, T)
         if targets.shape[0] != prefix.shape[0]:
             raise ValueError(f"{targets.shape[0]} token rows but {prefix.shape[0]} conditions")
@@ -301,9 +320,46 @@ class Generator(nn.Module):
             raise ValueError(f"token ids must be < codebook_size={self.config.codebook_size}")
         if self.config.use_eos:
             targets = append_eos(targets, self.config.eos_id, self.config.max_tokens)
-        inputs = targets[:, :-1].clamp(min=0)  # padding never reaches a real target (causality)
-        logits = self.gpt(prefix, inputs, prefix_mask)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return targets
+
+    def forward_packed(
+        self,
+        tokens: torch.Tensor | Sequence[torch.Tensor],
+        cond: Condition,
+        generator: torch.Generator | None = None,
+        *,
+        row_length: int | None = None,
+    ) -> PackedLoss:
+        """`forward`'s loss with the sequences packed into rows of `row_length` positions (default: the
+        longest sequence) instead of padded to the longest: the same value, less padding.
+
+        Each sequence is its condition prefix and its token inputs (L + n - 1 positions); attention
+        never crosses a sequence boundary and rotary positions restart per sequence
+        (`flextok.packing`). The CFG drop uses `generator` as `forward` does.
+        """
+        prefix, prefix_mask = self.embed_condition(cond, train=self.training, generator=generator)
+        targets = self._targets(tokens, prefix)  # (B, T)
+        B, L = prefix.shape[:2]
+        inputs = torch.cat([prefix, self.gpt.tok_emb(targets[:, :-1].clamp(min=0)).to(prefix.dtype)], 1)  # (B, L+T-1, D)
+        seq_targets = F.pad(targets, (L - 1, 0), value=IGNORE_INDEX)  # (B, L+T-1): position p predicts this
+        lengths = L - 1 + (targets != IGNORE_INDEX).sum(dim=1)  # (B,) positions per sequence
+        plan = plan_packing(lengths.tolist(), row_length or int(lengths.max()))
+        key_valid = None
+        if prefix_mask is not None:
+            keys = torch.cat([prefix_mask, prefix_mask.new_ones(B, inputs.shape[1] - L)], 1)  # (B, L+T-1)
+            key_valid = plan.pack(keys, True)
+        doc = plan.doc_ids(prefix.device)  # (R, S)
+        states = self.gpt.features_packed(plan.pack(inputs, 0.0), plan.positions(prefix.device),
+                                          packed_attention_mask(doc, key_valid))
+        packed_targets = plan.pack(seq_targets, IGNORE_INDEX)  # (R, S)
+        losses = F.cross_entropy(self.gpt.head(states).flatten(0, 1).float(), packed_targets.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="none")  # (R * S,)
+        counted = packed_targets.flatten() != IGNORE_INDEX
+        docs = doc.flatten().clamp(min=0)
+        per_sequence = torch.zeros(B, device=losses.device).index_add(0, docs, losses * counted)
+        per_sequence = per_sequence / torch.zeros(B, device=losses.device).index_add(0, docs, counted.float())
+        return PackedLoss(loss=losses.sum() / counted.sum(), per_sequence=per_sequence,
+                          padding_fraction=plan.padding_fraction, num_rows=plan.num_rows)
 
     # Sampling ------------------------------------------------------------------------------------
     @torch.inference_mode()

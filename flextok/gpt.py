@@ -214,9 +214,10 @@ class RMSNorm(nn.Module):
 def rope_angles(
     positions: torch.Tensor, head_dim: int, base: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (S, head_dim / 2); cheap enough to compute per call."""
+    """cos and sin of the rotary angles, each (*positions.shape, head_dim / 2) for positions (S,) or
+    (B, S); cheap enough to compute per call."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (S, head_dim/2)
+    angles = positions.float()[..., None] * inv_freq  # (..., S, head_dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -379,6 +380,16 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, attn_mask)
         return self.norm(x[:, L - 1 :])
+
+    def features_packed(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Final-normed states (R, S, D) of packed rows: input embeddings x (R, S, D), each position's
+        index within its own sequence (R, S) (rotary positions restart per sequence) and the
+        block-diagonal mask (R, 1, S, S) of `flextok.packing.packed_attention_mask`."""
+        cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_base)  # (R, S, hd/2)
+        cos, sin = cos[:, None], sin[:, None]  # (R, 1, S, hd/2): broadcast over heads
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_mask)
+        return self.norm(x)
 
     def forward(
         self, prefix: torch.Tensor, tokens: torch.Tensor, prefix_mask: torch.Tensor | None = None
