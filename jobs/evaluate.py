@@ -520,8 +520,11 @@ def _equal_quality(baseline: dict, result) -> dict:
     k_fid = next((r["k"] for r in rows if r["fid"] <= fid), None)
     parts = []
     for what, k in (("class accuracy", k_acc), ("FID", k_fid)):
-        parts.append(f"its {what} needs k = {k} tokens per image (this generator: {mean:.2f}, "
-                     f"{100 * (1 - mean / k):.0f}% fewer)" if k else f"no k reaches this generator's {what}")
+        if k is None:
+            parts.append(f"no k reaches this generator's {what}")
+            continue
+        change = f"{100 * (1 - mean / k):.0f}% fewer" if mean <= k else f"{100 * (mean / k - 1):.0f}% more"
+        parts.append(f"its {what} needs k = {k} tokens per image (this generator: {mean:.2f}, {change})")
     return {"generator": baseline["generator"]["checkpoint_id"], "k_for_accuracy": k_acc, "k_for_fid": k_fid,
             "mean_tokens": mean, "summary": "; ".join(parts)}
 

@@ -244,3 +244,5 @@ def test_tokens_saved_at_equal_quality_by_hand():
     assert "25% fewer" in got["summary"]  # 6 tokens instead of 8
     better = SimpleNamespace(accuracy=[0.99], fid=[5.0], mean_tokens=[6.0])
     assert _equal_quality(baseline, better)["k_for_accuracy"] is None
+    longer = SimpleNamespace(accuracy=[0.9], fid=[15.0], mean_tokens=[12.0])
+    assert "50% more" in _equal_quality(baseline, longer)["summary"]  # 12 tokens where 8 do
