@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,19 +127,21 @@ def read_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
+    keep: Callable[[str], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read (state_dict, metadata) from a safetensors file or a folder holding one.
 
     Floating-point tensors are cast to `dtype` (fp32 by default: weights shipped in fp16 or bf16
     compute in full precision; autocast lowers it where wanted); None keeps the stored dtypes.
+    `keep(name)` selects the tensors to read: the others are never read from the file.
     """
     p = resolve_weights_path(path)
     _check_safetensors(p)
     try:
         with safe_open(str(p), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+            state = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118
     except Exception as e:
         raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
     if dtype is not None:

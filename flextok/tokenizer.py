@@ -76,6 +76,23 @@ class FlexTok(nn.Module):
         self.encoder.init_weights()
         self.decoder.init_weights()
 
+    @property
+    def encoder_only(self) -> bool:
+        return self.decoder is None
+
+    def drop_decoder(self) -> FlexTok:
+        """Remove what tokenizing never uses (the flow decoder, the VAE's decoder): an encoder-only
+        model tokenizes exactly as before; detokenizing or training it is an error."""
+        self.decoder = None
+        if self.vae is not None:
+            self.vae.vae.decoder = None
+            self.vae.vae.post_quant_conv = None
+        return self
+
+    def _need_decoder(self) -> None:
+        if self.decoder is None:
+            raise ValueError(f"{self.checkpoint_id} was loaded encoder-only (tokenize only); load it in full to decode or train")
+
     # Construction --------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: FlexTokConfig, device: torch.device | str | None = None) -> FlexTok:
@@ -98,16 +115,28 @@ class FlexTok(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> FlexTok:
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: torch.device | str | None = None, *, encoder_only: bool = False
+    ) -> FlexTok:
         """Load our checkpoint or an official FlexTok release (recognised by its key names; its
         config.json, when beside the weights, is read too). A release detokenizes by default with the
-        release's recommended settings (`OFFICIAL_DETOKENIZE`)."""
+        release's recommended settings (`OFFICIAL_DETOKENIZE`).
+
+        `encoder_only` builds and reads only what `tokenize` uses (the VAE's encoder, the encoder and
+        FSQ): the flow decoder and the VAE's decoder are neither built nor read from the file (for
+        d18_d28, 8.7 of its 10.2 GB in fp32)."""
         from flextok import official
 
-        state, metadata = load_checkpoint(path)
-        is_official = official.is_official_state_dict(state)
+        keep = None
+        if encoder_only:
+            ours = read_metadata(path).get("kind") == KIND
+            keep = is_encoder_key if ours else (lambda k: is_encoder_key(official.map_key(k) or ""))
+        state, metadata = load_checkpoint(path, keep=keep)
+        # A partial read lacks the decoder's tensors: recognise and size a release from its header.
+        shapes = read_shapes(path) if encoder_only else state
+        is_official = official.is_official_state_dict(shapes)
         if is_official:
-            config = official.infer_config(state, official.read_release_config(path))
+            config = official.infer_config(shapes, official.read_release_config(path))
             state = official.map_state_dict(state, config)
         else:
             config, predates = _config_from_metadata(metadata, path)
@@ -116,6 +145,8 @@ class FlexTok(nn.Module):
         check_finite(state, path)
         with torch.device("meta"):  # the config is within bounds: building is cheap
             model = cls(config)
+        if encoder_only:
+            model.drop_decoder()
         model.load_state_dict_strict(state)
         model.checkpoint_id = str(path)
         model.checkpoint_sha256 = file_sha256(path)
@@ -283,6 +314,7 @@ class FlexTok(nn.Module):
         steps = defaults.steps if steps is None else steps
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         apg = defaults.apg if apg is None else apg
+        self._need_decoder()
         tokens, keep_k = self._pad_tokens(ids)
         B = tokens.shape[0]
         codes = self.fsq.tokens_to_codes(tokens)  # (B, K, d)
@@ -300,6 +332,7 @@ class FlexTok(nn.Module):
     # Training ------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One training step's losses: {"loss", "flow_mse"} (and nothing that needs a host sync)."""
+        self._need_decoder()
         c = self.config
         # The flow (time, noise, x_t, target) is formed in fp32 whatever the autocast: a bf16 VAE output
         # would otherwise round t = 0.9985 to 1.0 inside `add_noise` and quantise the noise and target.
@@ -334,11 +367,19 @@ def _config_from_metadata(metadata: dict[str, str], path: Any) -> tuple[FlexTokC
         raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
 
 
-def load_tokenizer(spec: str | os.PathLike, device: torch.device | str | None = None) -> FlexTok:
+def is_encoder_key(name: str) -> bool:
+    """Whether a parameter of ours is used by `tokenize` (VAE encoder, encoder; FSQ has none)."""
+    return name.startswith(("encoder.", "vae.vae.encoder.", "vae.vae.quant_conv."))
+
+
+def load_tokenizer(
+    spec: str | os.PathLike, device: torch.device | str | None = None, *, encoder_only: bool = False
+) -> FlexTok:
     """A preset name (random weights) or a checkpoint path — the form CLIs accept for `--model`."""
     from flextok.config import TOKENIZER_PRESETS
 
     if isinstance(spec, str) and spec in TOKENIZER_PRESETS and not Path(spec).exists():
-        return FlexTok.from_preset(spec, device=device)
+        model = FlexTok.from_preset(spec, device=device)
+        return model.drop_decoder() if encoder_only else model
     resolve_weights_path(spec)  # one clear error for a missing path
-    return FlexTok.from_pretrained(spec, device=device)
+    return FlexTok.from_pretrained(spec, device=device, encoder_only=encoder_only)

@@ -116,7 +116,9 @@ class TokenizeBatch:
                 f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); fix the node's driver/torch, "
                 "or pass --device cpu to tokenize on CPU on purpose"
             )
-        self.model = load_model(model, device=self.device, storage_options=storage_options, sha256=sha256)
+        # Tokenizing never uses the flow decoder: the actor neither reads nor holds it.
+        self.model = load_model(model, device=self.device, storage_options=storage_options, sha256=sha256,
+                                encoder_only=True)
         if compile:
             from flextok.compile import compile_blocks
 

@@ -92,8 +92,9 @@ def local_checkpoint(spec: str, storage_options: Mapping[str, Any] | None = None
 
 
 def load_model(spec: str, device: str | None = None, *, storage_options: Mapping[str, Any] | None = None,
-               sha256: str | None = None):
-    """A `FlexTok` in eval mode. Presets are built under a fixed seed: identical in every actor."""
+               sha256: str | None = None, encoder_only: bool = False):
+    """A `FlexTok` in eval mode. Presets are built under a fixed seed: identical in every actor.
+    `encoder_only` reads and builds only what tokenizing uses (`FlexTok.from_pretrained`)."""
     import torch
 
     from flextok import load_tokenizer
@@ -102,9 +103,9 @@ def load_model(spec: str, device: str | None = None, *, storage_options: Mapping
     if is_preset(spec):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRESET_SEED)
-            model = load_tokenizer(spec, device=device)
+            model = load_tokenizer(spec, device=device, encoder_only=encoder_only)
     else:
-        model = load_tokenizer(spec, device=device)
+        model = load_tokenizer(spec, device=device, encoder_only=encoder_only)
     return model.eval()
 
 

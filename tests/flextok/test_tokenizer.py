@@ -332,3 +332,56 @@ def test_vae_matches_diffusers_autoencoderkl_called_directly(tmp_path):
     torch.testing.assert_close(ours.encode(x), expected_latents, atol=1e-6, rtol=0)
     assert expected_images.abs().max() > 1.5
     torch.testing.assert_close(ours.decode(z), expected_images, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["shipped", "official"])
+def test_encoder_only_load_reads_only_the_encoder_and_tokenizes_identically(which, monkeypatch):
+    """An encoder-only load reads only the encoder's (and the VAE encoder's) tensors from the file,
+    holds no decoder, and gives the full model's tokens; decoding it is a clear error."""
+    import flextok
+    import flextok.checkpoint as ckpt
+    from flextok.tokenizer import is_encoder_key
+
+    root = Path(__file__).resolve().parents[1]
+    path = (Path(flextok.__file__).parent / "assets/fashion-mnist/tokenizer.safetensors" if which == "shipped"
+            else root / "fixtures/official_golden/release")
+    full = FlexTok.from_pretrained(path).eval()
+    read: list[str] = []
+    original = ckpt.safe_open
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self.f = original(*a, **kw)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def metadata(self):
+            return self.inner.metadata()
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+        def get_slice(self, name):  # shapes from the header; reads no data
+            return self.inner.get_slice(name)
+
+    monkeypatch.setattr(ckpt, "safe_open", Spy)
+    enc = FlexTok.from_pretrained(path, encoder_only=True).eval()
+    monkeypatch.undo()
+    assert read and len(read) < len(full.state_dict())
+    assert enc.decoder is None and not any(k.startswith("decoder.") for k in enc.state_dict())
+    assert all(is_encoder_key(k) for k in enc.state_dict())
+    assert sum(p.numel() for p in enc.parameters()) < sum(p.numel() for p in full.parameters())
+    c = full.config
+    x = torch.rand(4, 3, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(enc.tokenize(x), full.tokenize(x))
+    with pytest.raises(ValueError, match="encoder-only"):
+        enc.detokenize(full.tokenize(x)[:, :2], steps=1)
