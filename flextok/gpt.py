@@ -184,17 +184,21 @@ class GPTConfig:
 
 
 def _paper(depth: int) -> GPTConfig:
-    # "dN": depth N at width 64*N with 64-wide heads, as for the tokenizer; d20 / d24 / d30 span
-    # the 1,280- to 1,920-wide models, vocabulary 64,000 and K = 256 (ImageNet: 1,000 classes).
+    # "dN": depth N at width 64*N with 64-wide heads, as for the tokenizer; vocabulary 64,000 and
+    # K = 256 (ImageNet: 1,000 classes). Class-conditional sizes: d12 0.18 B, d16 0.33 B, d20 0.56 B,
+    # d24 0.88 B, d30 1.57 B, d36 2.59 B parameters (LlamaGen's B to XXL and beyond).
     return GPTConfig(depth=depth, dim=64 * depth, num_heads=depth, num_classes=1000)
 
 
 GPT_PRESETS: dict[str, GPTConfig] = {
     # CPU demo for the tiny tokenizer (1,000 codes, K = 32): about 3.5 M parameters.
     "tiny": GPTConfig(codebook_size=1000, max_tokens=32, depth=4, dim=256, num_heads=4, num_classes=10),
+    "d12": _paper(12),
+    "d16": _paper(16),
     "d20": _paper(20),
     "d24": _paper(24),
     "d30": _paper(30),
+    "d36": _paper(36),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli_util import json_arg, positive_int
-from training.settings import TrainConfig
+from training.settings import STRATEGIES, TrainConfig
 
 
 def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -35,12 +35,22 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--grid-every", type=int, default=d.grid_every,
                    help="steps between image grids under RUN/grids, 0 = only at the end (default %(default)s)")
     g.add_argument("--max-failures", type=int, default=d.max_failures,
-                   help="worker failures to recover from (from the last checkpoint) before giving up (default %(default)s)")
+                   help="worker failures to recover from (from the last checkpoint) before giving up; -1 = retry "
+                   "forever (spot clusters); user errors fail at once (default %(default)s)")
     g.add_argument("--storage-options", type=json_arg, default=None,
                    help="fsspec options (JSON) for s3:// data and RUN; AWS_* variables are used otherwise")
     g.add_argument("--quiet", action="store_true", help="log warnings only")
     g = p.add_argument_group("resources")
-    g.add_argument("--workers", type=positive_int, default=d.num_workers, help="Ray Train workers, DDP (default %(default)s)")
+    g.add_argument("--workers", type=positive_int, default=d.num_workers, help="Ray Train workers (default %(default)s)")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="ddp: every worker holds the whole model; fsdp: FSDP2 shards parameters, gradients, AdamW "
+                   "and EMA over the workers, checkpoints are written by every worker (default %(default)s)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
+                   help="micro-batches per optimizer step: each worker runs --batch-size / workers / this rows at "
+                   "a time (default %(default)s)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--gpus", action="store_true", help="one GPU per worker (nccl, bf16 autocast); default CPU (gloo, fp32)")
     g.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs reserved per worker (default: 1, less when the cluster must keep a CPU for data)")
@@ -68,5 +78,6 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every, grid_every=args.grid_every, seed=args.seed, num_workers=args.workers,
         use_gpu=args.gpus, cpus_per_worker=args.cpus_per_worker, threads=args.threads,
-        max_failures=args.max_failures, shuffle_buffer=args.shuffle_buffer,
+        max_failures=args.max_failures, shuffle_buffer=args.shuffle_buffer, strategy=args.strategy,
+        activation_checkpointing=args.activation_checkpointing, grad_accum=args.grad_accum, compile=args.compile,
     )

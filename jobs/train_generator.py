@@ -26,6 +26,7 @@ from jobs.cli_util import positive_int, run_cli
 log = logging.getLogger("jobs.train_generator")
 
 DEFAULT_PRESET = "tiny"
+MAX_INFERRED_CLASSES = 100_000  # a larger id without --num-classes is a broken label, not a class count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +96,8 @@ def init_config(args: argparse.Namespace, data, init_path: str):
     if recorded and tokens_sha and recorded != tokens_sha and not keeps_tokens_of(data.metadata.get("checkpoint_id"), recorded):
         raise ValueError(f"--init {init_path} was trained on tokens of tokenizer {recorded[:12]}…, {args.tokens} "
                          f"comes from {tokens_sha[:12]}…: its tokens mean other things")
-    if config.cond == "class" and data.max_label is not None and data.max_label >= config.num_classes:
-        raise ValueError(f"{args.tokens} has label {data.max_label}; --init {init_path} knows {config.num_classes} classes")
+    if config.cond == "class":
+        check_labels(data, config.num_classes, args.tokens, f"--init {init_path} knows {config.num_classes} classes")
     return config.replace(cond_dropout_prob=args.cond_dropout) if args.cond_dropout is not None else config
 
 
@@ -109,6 +110,14 @@ def use_eos(args: argparse.Namespace, data) -> bool:
     if args.eos is not None:
         return args.eos
     return bool(target) and not target.get("keep_all_tokens")
+
+
+def check_labels(data, num_classes: int, tokens: str, known: str) -> None:
+    """Every class id in DST within 0..num_classes-1 (checked from the footers, before any worker starts)."""
+    if data.min_label is not None and data.min_label < 0:
+        raise ValueError(f"{tokens} has label {data.min_label}: class ids must be 0..{num_classes - 1}")
+    if data.max_label is not None and data.max_label >= num_classes:
+        raise ValueError(f"{tokens} has label {data.max_label}, outside 0..{num_classes - 1} ({known})")
 
 
 def generator_config(args: argparse.Namespace, data):
@@ -125,7 +134,16 @@ def generator_config(args: argparse.Namespace, data):
             raise ValueError(f"{args.tokens} has no class labels; use --cond text or tokens of a labelled corpus")
         # The corpus's class names, when known, define the label space (a class may be absent here).
         named = len(data.metadata.get("class_names") or ())
-        changes["num_classes"] = args.num_classes or max(named, data.max_label + 1 if data.max_label is not None else 0)
+        if args.num_classes:
+            changes["num_classes"], known = args.num_classes, f"--num-classes {args.num_classes}"
+        elif named:
+            changes["num_classes"], known = named, f"the corpus names {named} classes"
+        else:
+            changes["num_classes"], known = data.max_label + 1, "class ids count from 0"
+            if changes["num_classes"] > MAX_INFERRED_CLASSES:
+                raise ValueError(f"{args.tokens} has label {data.max_label}: more than {MAX_INFERRED_CLASSES:,} classes "
+                                 "inferred from the largest id; give --num-classes if the corpus really has that many")
+        check_labels(data, changes["num_classes"], args.tokens, known)
         if args.text_encoder or args.max_text_tokens:
             raise ValueError("--text-encoder and --max-text-tokens are for --cond text")
     else:

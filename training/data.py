@@ -87,7 +87,7 @@ def batch_stream(shard, task: Any, cfg: TrainConfig, seed: int, use_gpu: bool) -
     while True:
         count = 0
         for batch in shard.iter_torch_batches(
-            batch_size=cfg.worker_batch_size, collate_fn=task.collate_fn(), drop_last=True,
+            batch_size=cfg.micro_batch_size, collate_fn=task.collate_fn(), drop_last=True,
             local_shuffle_buffer_size=buffer, local_shuffle_seed=(seed + epoch) if buffer else None,
             prefetch_batches=2, pin_memory=use_gpu,
         ):
@@ -95,7 +95,7 @@ def batch_stream(shard, task: Any, cfg: TrainConfig, seed: int, use_gpu: bool) -
             yield batch
         if count == 0:
             raise ValueError(
-                f"the training data has fewer than {cfg.worker_batch_size} usable rows per worker; "
+                f"the training data has fewer than {cfg.micro_batch_size} usable rows per worker; "
                 "lower --batch-size or add data"
             )
         epoch += 1
@@ -122,7 +122,8 @@ class TokenData:
     num_rows: int
     metadata: dict[str, Any]
     max_label: int | None
-    has_captions: bool
+    has_captions: bool  # some row has a caption (not only a caption column of nulls)
+    min_label: int | None = None
 
 
 def inspect_tokens(store) -> TokenData:
@@ -135,7 +136,7 @@ def inspect_tokens(store) -> TokenData:
     if not names:
         raise FileNotFoundError(f"no token files (part-*.parquet) in {store.url}; run `flextok tokenize` first")
     metadata: dict[str, Any] | None = None
-    num_rows, max_label, has_captions = 0, None, False
+    num_rows, label_range, has_captions = 0, None, False
     for name in names:
         with store.fs.open(store.path(name), "rb") as f:
             pf = pq.ParquetFile(f)
@@ -151,29 +152,45 @@ def inspect_tokens(store) -> TokenData:
                                      f"{metadata.get(key)!r}; one token dataset must come from one tokenizer")
             num_rows += pf.metadata.num_rows
             if "label" in names_in_file:
-                max_label = _max_label(pf, names_in_file.index("label"), max_label)
-            has_captions = has_captions or "caption" in names_in_file
+                label_range = _label_range(pf, names_in_file.index("label"), label_range)
+            if "caption" in names_in_file and not has_captions:
+                has_captions = _has_values(pf, names_in_file.index("caption"))
     assert metadata is not None, "no files"
     for key in ("codebook_size", "max_tokens"):
         if key not in metadata:
             raise ValueError(f"{store.url} carries no flextok metadata ({key}); tokens must come from `flextok tokenize`")
-    return TokenData([store.path(n) for n in names], num_rows, metadata, max_label, has_captions)
+    low, high = label_range if label_range is not None else (None, None)
+    return TokenData([store.path(n) for n in names], num_rows, metadata, high, has_captions, low)
 
 
-def _max_label(pf, column: int, current: int | None) -> int | None:
-    """Largest label from the row-group statistics (the column itself when they are missing)."""
+def _label_range(pf, column: int, current: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(smallest, largest) label from the row-group statistics (the column itself when they are missing)."""
     for i in range(pf.metadata.num_row_groups):
         stats = pf.metadata.row_group(i).column(column).statistics
         if stats is not None and stats.has_min_max:
-            value = int(stats.max)
+            low, high = int(stats.min), int(stats.max)
         elif stats is not None and stats.null_count == pf.metadata.row_group(i).num_rows:
             continue
         else:
-            value = pc.max(pf.read_row_group(i, columns=["label"])["label"]).as_py()
-            if value is None:
+            found = pc.min_max(pf.read_row_group(i, columns=["label"])["label"]).as_py()
+            if found["min"] is None:
                 continue
-        current = value if current is None else max(current, value)
+            low, high = found["min"], found["max"]
+        current = (low, high) if current is None else (min(current[0], low), max(current[1], high))
     return current
+
+
+def _has_values(pf, column: int) -> bool:
+    """Whether a column holds any non-null value (from the statistics, else the column itself)."""
+    for i in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(i)
+        stats = group.column(column).statistics
+        if stats is not None and stats.has_null_count:
+            if stats.null_count < group.num_rows:
+                return True
+        elif pf.read_row_group(i, columns=[pf.schema_arrow.names[column]]).column(0).null_count < group.num_rows:
+            return True
+    return False
 
 
 def conditioned_rows(batch, *, column: str):

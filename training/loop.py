@@ -112,7 +112,7 @@ class _Monitor:
             for batch in shard.iter_torch_batches(batch_size=cfg.worker_batch_size, collate_fn=task.collate_fn()):
                 batch = task.prepare_batch(batch, t.device)
                 n = task.num_items(batch)
-                total += float(task.loss(t.ema.model, batch, rng)) * n
+                total += float(task.loss(t.ema_model, batch, rng)) * n
                 weight += n
         if not weight:
             return None
@@ -126,7 +126,7 @@ class _Monitor:
         t = self.trainer
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.spec.task.grid(t.ema.model, reference)
+            out = self.spec.task.grid(t.ema_model, reference)
         if out is None:
             return
         images, rows, cols = out
@@ -201,16 +201,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     seconds_before = trainer.train_seconds
     grid_done_at = -1
     if rank == 0:
-        log.info("%s: %d worker(s) on %s, batch %d per worker, steps %d -> %d",
-                 task.name, world, device, cfg.worker_batch_size, trainer.step, cfg.max_steps)
+        log.info("%s: %d worker(s) (%s) on %s, batch %d per worker (%d x %d), steps %d -> %d",
+                 task.name, world, cfg.strategy, device, cfg.worker_batch_size, cfg.grad_accum,
+                 cfg.micro_batch_size, trainer.step, cfg.max_steps)
     while trainer.step < cfg.max_steps:
-        batch = task.prepare_batch(next(batches), device)
+        micro = [task.prepare_batch(next(batches), device) for _ in range(cfg.grad_accum)]
         if reference is None:
-            reference = batch
+            reference = micro[0]
             if monitor is not None:
                 monitor.start_window()
-        loss, grad_norm, lr = trainer.train_step(batch)
-        sums += torch.stack([loss, grad_norm, torch.tensor(float(task.num_items(batch)), device=device)])
+        loss, grad_norm, lr = trainer.train_step(*micro)
+        num_items = float(sum(task.num_items(b) for b in micro))
+        sums += torch.stack([loss, grad_norm, torch.tensor(num_items, device=device)])
         count += 1
         trainer.train_seconds = seconds_before + time.perf_counter() - attempt_start
         _maybe_crash(spec, trainer.step, rank)
@@ -226,17 +228,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 monitor.log(trainer.last_loss, norm_sum / (count * world), lr, int(items))
             sums.zero_()
             count = 0
-        if monitor is not None and cfg.grid_every and step % cfg.grid_every == 0:
-            monitor.grid(reference)
+        is_grid = bool(cfg.grid_every) and step % cfg.grid_every == 0
+        if is_grid or is_checkpoint:
+            trainer.gather_ema()  # fsdp: a collective into the main worker's plain EMA; ddp: nothing
+        if is_grid:
+            if monitor is not None:
+                monitor.grid(reference)
             grid_done_at = step
         if is_checkpoint:
             if monitor is not None and val_shard is not None:
                 trainer.val_loss = monitor.validate(val_shard)
             _report(trainer, monitor, rank)
+    if grid_done_at != trainer.step and reference is not None:
+        trainer.gather_ema()
+        if monitor is not None:
+            monitor.grid(reference)
     if monitor is None:
         return None
-    if grid_done_at != trainer.step and reference is not None:
-        monitor.grid(reference)
     monitor.close()
     return {
         "step": trainer.step, "loss": trainer.last_loss, "val_loss": trainer.val_loss,
@@ -247,23 +255,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _report(trainer: Trainer, monitor: _Monitor | None, rank: int) -> None:
-    """A checkpoint from rank 0 (Ray persists it to RUN/checkpoint_<step>); every rank reports."""
+    """A checkpoint (Ray persists it to RUN/checkpoint_<step>); every rank reports.
+
+    ddp: rank 0 writes it. fsdp: every rank writes its shard, and Ray uploads each rank's folder into
+    the same checkpoint folder.
+    """
     import ray.train
 
     metrics = {"step": trainer.step, "loss": trainer.last_loss, "train_seconds": trainer.train_seconds}
-    if rank != 0:
+    if rank != 0 and not trainer.sharded:
         ray.train.report(metrics)
         return
-    assert monitor is not None
     with tempfile.TemporaryDirectory(prefix="flextok-ckpt-") as folder:
         trainer.save(Path(folder))
-        monitor.sync()
+        if monitor is not None:
+            monitor.sync()
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=checkpoint_dir_name(trainer.step),
         )
     # Wait until the controller has registered it: a crash right after must resume from this one.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-    log.info("checkpoint at step %d", trainer.step)
+    if rank == 0:
+        log.info("checkpoint at step %d", trainer.step)
 
 

@@ -68,7 +68,10 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], t
 
 
 class EMA:
-    """An exponential moving average of a model's weights, kept in a second copy of the model."""
+    """An exponential moving average of a model's weights, kept in a second copy of the model.
+
+    Under FSDP the copy is sharded like the model, and each worker averages its own shards.
+    """
 
     def __init__(self, model: nn.Module, shadow: nn.Module, decay: float) -> None:
         shadow.load_state_dict(model.state_dict())
@@ -83,7 +86,15 @@ class EMA:
     def update(self, step: int) -> None:
         """Decay ramps up as (1 + step) / (10 + step) so early weights do not dominate short runs."""
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema, p in self._pairs:
-            ema.lerp_(p.detach(), 1.0 - decay)
-        for ema, b in self._copied:
-            ema.copy_(b)
+        # One fused pass over all tensors (foreach), on the local shards of DTensors.
+        torch._foreach_lerp_([_local(e) for e, _ in self._pairs], [_local(p.detach()) for _, p in self._pairs],
+                             1.0 - decay)
+        if self._copied:
+            torch._foreach_copy_([_local(e) for e, _ in self._copied], [_local(b) for _, b in self._copied])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t

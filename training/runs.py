@@ -6,8 +6,11 @@ The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
     checkpoint_<step>/        Ray Train checkpoints (the newest `keep_checkpoints`):
         model.safetensors       EMA weights written by the model's own `save_pretrained` (+ step),
                                 so a checkpoint folder loads like a finished model
-        train_state.safetensors online weights (`model.*`), AdamW moments (`optim.*`) and the step
-                                state as JSON metadata
+        train_state.safetensors ddp: online weights (`model.*`), AdamW moments (`optim.*`) and the
+                                step state as JSON metadata
+        shards/                 fsdp instead: online weights, EMA and AdamW moments as one
+                                safetensors shard per worker (torch.distributed.checkpoint)
+        train_state.json        fsdp: the step state
     checkpoint_manager_snapshot.json   Ray Train's record of the checkpoints (what resume reads)
     tensorboard/              event files: loss, lr, grad norm, images/s or tokens/s
     grids/step_<step>.png     reconstruction or sample grids (rank 0)
@@ -35,6 +38,8 @@ log = logging.getLogger("training.runs")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 STATE_KIND = "TrainState"
+SHARD_DIR = "shards"  # fsdp: one safetensors shard per worker (torch.distributed.checkpoint)
+TRAIN_STATE_FILE = "train_state.json"  # fsdp: step, counters and settings beside the shards
 JOB_FILE = "job.json"
 SUMMARY_FILE = "train_summary.json"
 TB_DIR = "tensorboard"

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+STRATEGIES = ("ddp", "fsdp")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -40,6 +42,10 @@ class TrainConfig:
     threads: int | None = None
     max_failures: int = 3
     shuffle_buffer: int = 1024
+    strategy: str = "ddp"  # "ddp" (replicated) or "fsdp" (FSDP2: parameters, gradients, AdamW and EMA sharded)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size / num_workers / grad_accum each)
+    compile: bool = False  # torch.compile each block
 
     # A re-run resumes only with the same values of these (the optimisation would differ otherwise).
     RESUME_KEYS = ("max_steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
@@ -49,7 +55,14 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "grid_every", "max_failures", "shuffle_buffer"):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.grad_accum < 1 or self.batch_size % (self.num_workers * self.grad_accum):
+            raise ValueError(f"batch size {self.batch_size} does not split evenly over {self.num_workers} workers x "
+                             f"{self.grad_accum} accumulation steps")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= 0, or -1 for unlimited retries, got {self.max_failures}")
+        for name in ("warmup_steps", "grid_every", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.num_workers:
@@ -67,7 +80,13 @@ class TrainConfig:
 
     @property
     def worker_batch_size(self) -> int:
+        """Rows one worker contributes to one optimizer step."""
         return self.batch_size // self.num_workers
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows in one forward/backward pass (`worker_batch_size / grad_accum`)."""
+        return self.worker_batch_size // self.grad_accum
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

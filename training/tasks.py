@@ -31,6 +31,8 @@ class TrainTask(Protocol):
     find_unused_parameters: bool
 
     def build_model(self, device: torch.device) -> nn.Module: ...
+    def blocks(self, model: nn.Module) -> list[nn.Module]: ...
+    def example_batch(self, batch_size: int, device: torch.device) -> Any: ...
     def collate_fn(self) -> ArrowBatchCollateFn: ...
     def prepare_batch(self, batch: Any, device: torch.device) -> Any: ...
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
@@ -70,6 +72,15 @@ class TokenizerTask:
         else:
             model.checkpoint_id = f"preset:{self.preset}"
         return model.freeze_tokens() if self.same_tokens_as else model
+
+    def blocks(self, model) -> list[nn.Module]:
+        """The transformer blocks: units of FSDP sharding, activation checkpointing and compilation."""
+        return [*model.encoder.blocks, *model.decoder.blocks]
+
+    def example_batch(self, batch_size: int, device) -> torch.Tensor:
+        """A prepared batch of this shape (the memory plan runs it on the meta device)."""
+        size = self.config.image_size
+        return torch.zeros(batch_size, 3, size, size, device=device)
 
     def collate_fn(self):
         return PixelCollate(self.config.image_size)
@@ -180,6 +191,18 @@ class GeneratorTask:
         if self.init_path is not None:
             model.load_state_dict(Generator.from_pretrained(self.init_path, device=device).state_dict(), strict=True)
         return model
+
+    def blocks(self, model) -> list[nn.Module]:
+        """The transformer blocks: units of FSDP sharding, activation checkpointing and compilation."""
+        return list(model.gpt.blocks)
+
+    def example_batch(self, batch_size: int, device) -> dict[str, Any]:
+        """A prepared batch of full-length rows (the memory plan runs it on the meta device)."""
+        if self.config.cond != "class":
+            raise ValueError("the memory plan covers class-conditional generators")
+        tokens = torch.zeros(batch_size, self.config.max_tokens, dtype=torch.long, device=device)
+        labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return {"tokens": tokens, "cond": labels, "label": labels, "num_tokens": tokens.numel()}
 
     def collate_fn(self):
         return TokenCollate(labels=self.config.cond == "class", captions=self.config.cond == "text")

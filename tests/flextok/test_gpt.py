@@ -179,3 +179,19 @@ def test_init_scales_residual_projections_down_with_depth():
     model = GPT(SMALL.replace(depth=8, dim=64))
     assert model.blocks[0].attn.out.weight.std() < 0.6 * model.blocks[0].attn.qkv.weight.std()
     assert torch.equal(model.norm.weight, torch.ones(64))
+
+
+@pytest.mark.parametrize("name, billions", [("d12", 0.18), ("d16", 0.33), ("d20", 0.56), ("d24", 0.88),
+                                            ("d30", 1.57), ("d36", 2.59)])
+def test_generator_preset_parameter_counts_on_meta(name, billions):
+    """Exact count from the architecture, by hand: per block q, k, v, out (4 D^2), SwiGLU (3 D H with
+    H = 8D/3 rounded up to 64) and two RMSNorm weights; token table, head, final norm; 1,000 classes + null."""
+    from flextok.generator import Generator
+
+    config = GPT_PRESETS[name]
+    with torch.device("meta"):
+        model = Generator(config)
+    D, V, H = config.dim, 64_000, 64 * -(-8 * config.dim // (3 * 64))
+    expected = config.depth * (4 * D * D + 3 * D * H + 2 * D) + 2 * V * D + D + 1001 * D
+    assert count_parameters(model) == expected
+    assert round(expected / 1e9, 2) == billions

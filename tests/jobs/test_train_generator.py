@@ -172,6 +172,21 @@ def test_bad_inputs_are_one_line_errors(token_data, tmp_path, capsys):
     write_tokens(tmp_path / "other", token_data["table"], "other.safetensors", "e" * 64)
     assert "must come from the same tokenizer" in error(["--tokens", str(token_data["tokens"]), "--output", out,
                                                          "--cond", "class", "--val-tokens", str(tmp_path / "other")])
+    null_captions = token_data["table"].set_column(
+        token_data["table"].schema.get_field_index("caption"), "caption", pa.nulls(token_data["table"].num_rows, pa.string()))
+    write_tokens(tmp_path / "nullcap", null_captions, "preset:tiny", None)
+    assert "has no captions" in error(["--tokens", str(tmp_path / "nullcap"), "--output", out, "--cond", "text"])
+    labels = token_data["table"]["label"].to_pylist()
+    for bad, expected in ((-3, "has label -3: class ids must be 0..9"),
+                          (2**31 - 1, "has label 2147483647, outside 0..9 (the corpus names 10 classes)")):
+        table = token_data["table"].set_column(token_data["table"].schema.get_field_index("label"), "label",
+                                               pa.array([bad] + labels[1:], pa.int32()))
+        write_tokens(tmp_path / f"bad{bad}", table, "preset:tiny", None, class_names=FASHION_MNIST_CLASSES)
+        assert expected in error(["--tokens", str(tmp_path / f"bad{bad}"), "--output", out, "--cond", "class"])
+    write_tokens(tmp_path / "huge", table, "preset:tiny", None)  # no class names: the count would be inferred
+    assert "more than 100,000 classes" in error(["--tokens", str(tmp_path / "huge"), "--output", out, "--cond", "class"])
+    assert "outside 0..4 (--num-classes 5)" in error(
+        ["--tokens", str(tmp_path / "huge"), "--output", out, "--cond", "class", "--num-classes", "5"])
     assert "fewer than --batch-size 64" in error(
         ["--tokens", str(token_data["tokens"]), "--output", out, "--cond", "class", "--batch-size", "64"])
     assert not (tmp_path / "run").exists()
@@ -256,3 +271,38 @@ def test_eos_is_on_for_adaptive_prefixes_and_refused_for_kept_all_tokens(token_d
     assert not config_for({**prefixes, "keep_all_tokens": True}).use_eos
     with pytest.raises(ValueError, match="adaptive-keep-all"):
         config_for({**prefixes, "keep_all_tokens": True}, "--eos")
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_resumes_from_its_sharded_checkpoint(ray_local, token_data, tmp_path, monkeypatch, capsys):
+    """--strategy fsdp on 2 gloo workers: every worker writes its safetensors shard; rank 0 dies at step 3
+    and the run resumes from the sharded checkpoint 2; RUN/model.safetensors is the EMA the shards hold."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from flextok.checkpoint import load_checkpoint
+    from training.loop import CRASH_MARKER_ENV, CRASH_STEP_ENV
+
+    run, marker = tmp_path / "run", tmp_path / "killed"
+    monkeypatch.setenv(CRASH_STEP_ENV, "3")
+    monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
+    argv = ["--tokens", str(token_data["tokens"]), "--output", str(run), "--cond", "class", *SMALL, *FAST,
+            "--workers", "2", "--strategy", "fsdp", "--batch-size", "8", "--max-steps", "4", "--checkpoint-every", "2",
+            "--keep-checkpoints", "3", "--grid-every", "0", "--max-failures", "1"]
+    assert main(argv) == 0
+    assert marker.read_text().startswith("killed at step 3")
+    assert "train-generator: 4 steps" in capsys.readouterr().out
+    for step in (2, 4):
+        folder = run / f"checkpoint_{step:08d}"
+        shards = sorted(p.name for p in (folder / "shards").glob("*.safetensors"))
+        assert len(shards) == 2, shards  # one file per worker
+        assert json.loads((folder / "train_state.json").read_text())["train_state"]["step"] == step
+    final = run / "checkpoint_00000004"
+    exported, _ = load_checkpoint(run / "model.safetensors")
+    # Gather the EMA from the two workers' shards in this one process (a world size of 1: DCP reshards).
+    gathered = {f"ema.{k}": torch.zeros_like(v) for k, v in exported.items()}
+    dcp.load(gathered, storage_reader=HuggingFaceStorageReader(str(final / "shards")), no_dist=True)
+    for name, value in exported.items():
+        assert torch.equal(gathered[f"ema.{name}"], value), name
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["items_seen"] > 0 and summary["step"] == 4
