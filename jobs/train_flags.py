@@ -51,6 +51,9 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="micro-batches per optimizer step: each worker runs --batch-size / workers / this rows at "
                    "a time (default %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak of one device, for the MFU in logs and TensorBoard (default: known for "
+                   "A100, H100, H200, L4; none on CPUs)")
     g.add_argument("--gpus", action="store_true", help="one GPU per worker (nccl, bf16 autocast); default CPU (gloo, fp32)")
     g.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs reserved per worker (default: 1, less when the cluster must keep a CPU for data)")
@@ -80,4 +83,5 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         use_gpu=args.gpus, cpus_per_worker=args.cpus_per_worker, threads=args.threads,
         max_failures=args.max_failures, shuffle_buffer=args.shuffle_buffer, strategy=args.strategy,
         activation_checkpointing=args.activation_checkpointing, grad_accum=args.grad_accum, compile=args.compile,
+        peak_tflops=args.peak_tflops,
     )

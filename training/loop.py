@@ -70,7 +70,7 @@ def _worker_logging(quiet: bool) -> None:
 class _Monitor:
     """Rank 0's metrics: TensorBoard events under RUN (staged locally for remote RUNs), progress lines."""
 
-    def __init__(self, spec: LoopSpec, trainer: Trainer) -> None:
+    def __init__(self, spec: LoopSpec, trainer: Trainer, world: int = 1) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.spec, self.trainer = spec, trainer
@@ -80,6 +80,9 @@ class _Monitor:
         else:
             self.log_dir, self.staged = tempfile.mkdtemp(prefix="flextok-tb-"), True
         self.writer = SummaryWriter(self.log_dir)
+        self.world = world
+        peak = spec.train.peak_tflops or peak_tflops(trainer.device)
+        self.peak_flops = peak * 1e12 if peak else None
         self.start_window()
 
     def start_window(self) -> None:
@@ -93,14 +96,25 @@ class _Monitor:
         rate = items / max(now - self.window_start, 1e-9)
         steps_per_s = (t.step - self.window_step) / max(now - self.window_start, 1e-9)
         item = self.spec.task.item_name
-        for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), (f"{item}_per_second", rate)):
+        scalars = [("loss", loss), ("lr", lr), ("grad_norm", grad_norm), (f"{item}_per_second", rate)]
+        mfu = self.mfu(rate)
+        if mfu is not None:
+            scalars.append(("mfu", mfu))
+        for name, value in scalars:
             self.writer.add_scalar(f"train/{name}", value, t.step)
         eta = (self.spec.train.max_steps - t.step) / steps_per_s if steps_per_s > 0 else float("nan")
         log.info(
-            "%s step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.1f %s/s | eta %s",
-            self.spec.task.name, t.step, self.spec.train.max_steps, loss, lr, grad_norm, rate, item, _duration(eta),
+            "%s step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.1f %s/s%s | eta %s",
+            self.spec.task.name, t.step, self.spec.train.max_steps, loss, lr, grad_norm, rate, item,
+            f" | MFU {100 * mfu:.1f}%" if mfu is not None else "", _duration(eta),
         )
         self.start_window()
+
+    def mfu(self, items_per_second: float) -> float | None:
+        """Model FLOPs utilisation of all workers: achieved matmul FLOP/s over their bf16 peak."""
+        if self.peak_flops is None:
+            return None
+        return items_per_second * self.spec.task.train_flops_per_item() / (self.world * self.peak_flops)
 
     def validate(self, shard) -> float | None:
         """Mean loss of the EMA model over the held-out rows, with fixed noise: comparable across steps."""
@@ -144,6 +158,18 @@ class _Monitor:
     def close(self) -> None:
         self.sync()
         self.writer.close()
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) of GPUs by name, from their vendors' data sheets.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak when known by name (None on CPUs and unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def _duration(seconds: float) -> str:
@@ -191,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             log.info("%s resumed from step %d (loss %s)", task.name, state["step"], state["loss"])
     trainer.reseed(rank)
-    monitor = _Monitor(spec, trainer) if rank == 0 else None
+    monitor = _Monitor(spec, trainer, world) if rank == 0 else None
     batches = batch_stream(ray.train.get_dataset_shard("train"), task, cfg, cfg.seed * 7919 + trainer.step, cfg.use_gpu)
     val_shard = ray.train.get_dataset_shard(VAL) if spec.has_val and rank == 0 else None
     reference = None

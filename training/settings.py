@@ -46,6 +46,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size / num_workers / grad_accum each)
     compile: bool = False  # torch.compile each block
+    peak_tflops: float | None = None  # per device, for MFU (default: known GPUs by name; none on CPUs)
 
     # A re-run resumes only with the same values of these (the optimisation would differ otherwise).
     RESUME_KEYS = ("max_steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",

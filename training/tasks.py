@@ -33,6 +33,7 @@ class TrainTask(Protocol):
     def build_model(self, device: torch.device) -> nn.Module: ...
     def blocks(self, model: nn.Module) -> list[nn.Module]: ...
     def example_batch(self, batch_size: int, device: torch.device) -> Any: ...
+    def train_flops_per_item(self) -> float: ...
     def collate_fn(self) -> ArrowBatchCollateFn: ...
     def prepare_batch(self, batch: Any, device: torch.device) -> Any: ...
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
@@ -76,6 +77,12 @@ class TokenizerTask:
     def blocks(self, model) -> list[nn.Module]:
         """The transformer blocks: units of FSDP sharding, activation checkpointing and compilation."""
         return [*model.encoder.blocks, *model.decoder.blocks]
+
+    def train_flops_per_item(self) -> float:
+        """Matmul FLOPs of one training image: 3x the forward (backward = 2x), encoder + one decoder pass."""
+        from flextok.flops import decoder_flops, encoder_flops
+
+        return 3.0 * (encoder_flops(self.config) + decoder_flops(self.config))
 
     def example_batch(self, batch_size: int, device) -> torch.Tensor:
         """A prepared batch of this shape (the memory plan runs it on the meta device)."""
@@ -195,6 +202,15 @@ class GeneratorTask:
     def blocks(self, model) -> list[nn.Module]:
         """The transformer blocks: units of FSDP sharding, activation checkpointing and compilation."""
         return list(model.gpt.blocks)
+
+    def train_flops_per_item(self) -> float:
+        """Matmul FLOPs of one training token: 3x the forward (backward = 2x). Per token and block:
+        q, k, v, out (4 D^2) and SwiGLU (3 D H) as multiply-adds, causal attention over on average half
+        of the T positions (scores and weighted sum); then the output head (D V)."""
+        c = self.config
+        D, T = c.dim, c.max_seq_len
+        block = 2 * (4 * D * D + 3 * D * c.mlp_hidden_dim) + 2 * 2 * (T / 2) * D
+        return 3.0 * (c.depth * block + 2 * D * c.vocab_size)
 
     def example_batch(self, batch_size: int, device) -> dict[str, Any]:
         """A prepared batch of full-length rows (the memory plan runs it on the meta device)."""

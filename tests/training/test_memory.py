@@ -38,3 +38,17 @@ def test_activations_grow_with_rows_and_checkpointing_keeps_less(task):
     fit = largest_micro_batch(task, strategy="fsdp", world_size=2, activation_checkpointing=False,
                               gpu_bytes=0.05 * GB, reserve=0)
     assert fit * plans[1, False].activations <= 0.05 * GB - (plans[1, False].total - plans[1, False].activations)
+
+
+def test_generator_training_flops_match_torch_flop_counter():
+    """The analytic FLOPs per token against torch's FlopCounterMode over a real forward pass (the counter
+    counts full rather than causal attention: a few per cent at this size)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    task = GeneratorTask(config=GPT, tokenizer_id=None, tokenizer_sha256=None)
+    model = Generator(GPT)
+    batch = task.example_batch(2, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        task.loss(model, batch, None)
+    per_token = counter.get_total_flops() / batch["tokens"].numel()
+    assert task.train_flops_per_item() / 3 == pytest.approx(per_token, rel=0.05)
