@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-dim", type=positive_int, help="decoder width (a multiple of --head-dim)")
     g.add_argument("--head-dim", type=positive_int, help="attention head width")
     g.add_argument("--fsq-levels", type=_levels, help="FSQ levels, e.g. 8,5,5,5 (1,000 codes)")
+    g.add_argument("--vae", default=None, metavar="PATH",
+                   help="weights of the frozen VAE of a latent-space preset (d12_d12, d18_d18, d18_d28): a "
+                   "safetensors file or diffusers folder every worker can read; required by those presets")
     g.add_argument("--nested-dropout", choices=NESTED_DROPOUT_MODES, help="how k is drawn in training")
     g.add_argument("--full-k-fraction", type=float,
                    help="fraction of examples that keep all K tokens (the rest draw k by --nested-dropout): "
@@ -113,12 +116,28 @@ def model_config(args: argparse.Namespace, init_path: str | None = None):
         if shaped:
             raise ValueError(f"--init takes the architecture from {init_path}; drop "
                              + ", ".join("--" + f.replace("_", "-") for f in shaped))
+        if args.vae is not None:
+            raise ValueError(f"--init {init_path} carries its own VAE; drop --vae")
         config = FlexTok.config_of(init_path)
         if args.decoder_depth is not None and args.decoder_depth < config.decoder_depth:
             raise ValueError(f"--decoder-depth {args.decoder_depth}: {init_path} has {config.decoder_depth} decoder "
                              "blocks; a fine-tune can add blocks (they start as the identity), not remove them")
     else:
-        config = get_preset(args.preset or DEFAULT_PRESET)
+        preset = args.preset or DEFAULT_PRESET
+        config = get_preset(preset)
+        if config.vae is None and args.vae is not None:
+            raise ValueError(f"--preset {preset} trains on pixels, without a VAE; drop --vae")
+        if config.vae is not None:
+            if args.vae is None:
+                raise ValueError(f"--preset {preset} trains in a VAE's latent space: give the VAE's weights with "
+                                 "--vae PATH (a random VAE's latents mean nothing)")
+            import dataclasses
+            from pathlib import Path
+
+            from flextok.checkpoint import resolve_weights_path
+
+            weights = resolve_weights_path(Path(args.vae).expanduser()).resolve()  # one clear error when missing
+            config = config.replace(vae=dataclasses.replace(config.vae, path=str(weights)))
     changes = {ARCH_FLAGS[flag]: getattr(args, flag) for flag in given}
     if args.fsq_levels is not None:
         changes["fsq"] = FSQConfig(levels=args.fsq_levels)

@@ -234,3 +234,20 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, corpus, tmp
     assert state["step"] == 4 and state["items_seen"] == 4 * 8
     assert np.float32(state["loss"]) == np.float32(first[4])  # the loss it resumed with is where it was
     assert json.loads((run / "train_summary.json").read_text())["items_seen"] == 7 * 8
+
+
+def test_latent_presets_need_the_vae_weights(tmp_path):
+    """A latent-space preset without --vae would train on a random VAE's latents: refused; --vae names the
+    weights the workers load (an existing file), and pixel presets take no VAE."""
+    def config(*argv):
+        return model_config(build_parser().parse_args(["--data", "d", "--output", "o", *argv]))
+
+    with pytest.raises(ValueError, match="give the VAE's weights with --vae PATH"):
+        config("--preset", "d12_d12")
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        config("--preset", "d12_d12", "--vae", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="trains on pixels, without a VAE"):
+        config("--vae", str(tmp_path / "vae.safetensors"))
+    weights = tmp_path / "vae.safetensors"
+    weights.write_bytes(b"")  # only its path is recorded here; the workers load it
+    assert config("--preset", "d12_d12", "--vae", str(weights)).vae.path == str(weights.resolve())
