@@ -46,6 +46,7 @@ ASSETS = ASSETS_ROOT / "emoji"
 FASHION_ASSETS = ASSETS_ROOT / "fashion-mnist"
 FASHION_IMAGES = 200  # held-out test images reconstructed (a 64-image grid and the PSNR / class-kept table)
 FASHION_CFG = 5.0  # the class generator's shipped setting (its model card: the asked class 97% of the time)
+EOS_GENERATOR = "generator-eos.safetensors"  # trained with an end-of-sequence token on adaptive-length tokens
 EMOJI_CFG = 3.0
 DEFAULT_OUT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flextok" / "quickstart"
 
@@ -235,6 +236,16 @@ def _report(out: Path, facts: dict, timings: list[tuple[str, float]]) -> Path:
             f"{fm['per_class']} samples each: {fm['num_tokens']} tokens sampled by the class-conditional "
             f"generator at CFG {fm['cfg']:g}, decoded in {fm['decoder_steps']} step(s).", "",
         ]
+        if fm.get("eos"):
+            e = fm["eos"]
+            lines += [
+                "### Each image gets the tokens it needs", "",
+                "![Fashion-MNIST class samples, lengths chosen by the generator](fashion-mnist/classes-eos.png)", "",
+                f"The same classes from {e['generator']}, trained on adaptive-length tokens (per image the shortest "
+                f"prefix whose reconstruction is within 20% of all 32 tokens') with an end-of-sequence token: it "
+                f"stops each image where it chooses, here after {e['mean_tokens']:.1f} tokens on average "
+                f"({e['min']} to {e['max']}) instead of 32.", "",
+            ]
     elif facts.get("fashion_skipped"):
         lines += [f"Fashion-MNIST part skipped: {facts['fashion_skipped']}.", ""]
     em = facts["emoji"]
@@ -284,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     quiet = ["--quiet"] if args.quiet else []
     fashion_skipped = "--no-fashion-mnist" if args.no_fashion_mnist else _fashion_missing()
-    stages = Stages(7 if fashion_skipped else 10, dict(os.environ), out / "logs", verbose=args.verbose)
+    fashion_stages = 4 if (FASHION_ASSETS / EOS_GENERATOR).is_file() else 3
+    stages = Stages(7 + (0 if fashion_skipped else fashion_stages), dict(os.environ), out / "logs", verbose=args.verbose)
     print(f"flextok quickstart -> {out}", flush=True)
     facts: dict = {"fashion_skipped": fashion_skipped}
     if not fashion_skipped:
@@ -309,9 +321,22 @@ def _fashion(stages: Stages, out: Path, args: argparse.Namespace, quiet: list[st
                "--generator", generator, "--tokenizer", tokenizer, "--labels", *range(10), "--num-tokens", 32,
                "--per-condition", per_class, "--cfg-scale", FASHION_CFG, "--decoder-steps", args.decoder_steps,
                "--seed", args.seed, "--out", out / "classes.png", *quiet)
-    return {"tokenizer": tokenizer.relative_to(ASSETS_ROOT.parents[1]),
-            "generator": generator.relative_to(ASSETS_ROOT.parents[1]), "per_class": per_class,
-            "num_tokens": 32, "cfg": FASHION_CFG, "decoder_steps": args.decoder_steps}
+    facts = {"tokenizer": tokenizer.relative_to(ASSETS_ROOT.parents[1]),
+             "generator": generator.relative_to(ASSETS_ROOT.parents[1]), "per_class": per_class,
+             "num_tokens": 32, "cfg": FASHION_CFG, "decoder_steps": args.decoder_steps}
+    eos = FASHION_ASSETS / EOS_GENERATOR
+    if eos.is_file():
+        stages.run("sample every class with the generator that chooses each image's length (end-of-sequence token)",
+                   "jobs.sample", "--generator", eos, "--tokenizer", tokenizer, "--labels", *range(10),
+                   "--per-condition", per_class, "--cfg-scale", FASHION_CFG, "--decoder-steps", args.decoder_steps,
+                   "--seed", args.seed, "--save-tokens", out / "classes-eos.parquet", "--out", out / "classes-eos.png",
+                   *quiet)
+        import pyarrow.parquet as pq
+
+        lengths = pq.read_table(out / "classes-eos.parquet", columns=["num_tokens"]).column("num_tokens").to_pylist()
+        facts["eos"] = {"generator": eos.relative_to(ASSETS_ROOT.parents[1]),
+                        "mean_tokens": sum(lengths) / len(lengths), "min": min(lengths), "max": max(lengths)}
+    return facts
 
 
 def _emoji(stages: Stages, out: Path, args: argparse.Namespace, quiet: list[str]) -> dict:

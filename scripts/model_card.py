@@ -71,13 +71,24 @@ def generator_section(metrics: dict) -> list[str]:
                      f"{100 * metrics['classifier_accuracy_on_reference']:.1f}% of the time.")
     rows = metrics["per_k"]
     has_acc = any(r.get("class_accuracy") is not None for r in rows)
-    lines += ["", "| k | FID |" + (" samples of the asked class |" if has_acc else ""),
-              "|---|---|" + ("---|" if has_acc else "")]
+    lengths = metrics.get("lengths")  # a generator with an end-of-sequence token: k is a cap
+    lines += ["", ("| cap k | tokens per sample |" if lengths else "| k |") + " FID |"
+              + (" samples of the asked class |" if has_acc else ""),
+              "|---|---|" + ("---|" if lengths else "") + ("---|" if has_acc else "")]
     for r in rows:
-        line = f"| {r['k']} | {r['fid']:.2f} |"
+        line = f"| {r['k']} |" + (f" {r['mean_tokens']:.2f} |" if lengths else "") + f" {r['fid']:.2f} |"
         if has_acc:
             line += f" {100 * r['class_accuracy']:.1f}% |"
         lines.append(line)
+    if lengths:
+        lines.append("")
+        if lengths.get("data"):
+            d = lengths["data"]
+            lines.append(f"Tokens per image: samples {lengths['samples']['mean']:.2f} on average, held-out images "
+                         f"{d['mean']:.2f} under the tokenizer's adaptive target ({d['target']}, {d['images']} images).")
+        if lengths.get("baseline"):
+            lines.append(f"At equal quality, against `{Path(lengths['baseline']['generator']).name}`: "
+                         f"{lengths['baseline']['summary']}.")
     return lines
 
 

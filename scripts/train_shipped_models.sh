@@ -123,6 +123,17 @@ $FLEXTOK export "$RUNS/fm-gen" --out "$ASSETS/fashion-mnist/generator.safetensor
 # [card emoji-generator]
 $FLEXTOK export "$RUNS/emoji-gen" --out "$ASSETS/emoji/generator.safetensors"
 # [/card]
+# [card fm-generator-eos]
+# Adaptive-length tokens (per image the shortest of 1, 2, 4, .., 32 tokens whose one-step reconstruction error is
+# within 20% of all 32 tokens'), then a class GPT with an end-of-sequence token on them. The shipped run used the
+# first 6 train shards (6,000 images) and its step-500 checkpoint: the shared machine's time allowed no more.
+$FLEXTOK tokenize --input "$RUNS/fm-train/fashion-mnist-train-0000{00..05}.tar" --output "$RUNS/fm-tokens-adaptive" \
+  --model "$ASSETS/fashion-mnist/tokenizer.safetensors" --adaptive-relative-error 0.2 --adaptive-lengths pow2
+$FLEXTOK train-generator --tokens "$RUNS/fm-tokens-adaptive" --output "$RUNS/fm-gen-eos" --cond class --preset tiny \
+  --max-steps 1000 --batch-size 64 --seed 0 --threads 1 --checkpoint-every 250 --keep-checkpoints 8 --grid-every 500 \
+  --grid-steps 1 --log-every 50 > "$RUNS/logs/fm-gen-eos.log" 2>&1
+$FLEXTOK export "$RUNS/fm-gen-eos/checkpoint_00000500" --out "$ASSETS/fashion-mnist/generator-eos.safetensors"
+# [/card]
 
 # 6. Reports beside the checkpoints (Fashion-MNIST test split: never used in training; emoji test split).
 FM=$ASSETS/fashion-mnist
@@ -146,6 +157,15 @@ $FLEXTOK evaluate generator --generator "$FM/generator.safetensors" --data "$RUN
 $FLEXTOK sample --generator "$FM/generator.safetensors" --labels 0,1,2,3,4,5,6,7,8,9 --num-tokens 32 \
   --per-condition 8 --cfg-scale 5 --decoder-steps 1 --out "$FM/reports/samples/classes.png"
 # [/card]
+# [card fm-generator-eos]
+for cfg in 3 5; do
+  $FLEXTOK evaluate generator --generator "$FM/generator-eos.safetensors" --data "$RUNS/fm-test" --num-samples 500 \
+    --tokens-list 32 --cfg-scale $cfg --decoder-steps 1 --classifier "$FM/judge.safetensors" \
+    --baseline "$FM/reports/generator-cfg-$cfg/metrics.json" --out "$FM/reports/generator-eos-cfg-$cfg"
+done
+$FLEXTOK sample --generator "$FM/generator-eos.safetensors" --labels 0,1,2,3,4,5,6,7,8,9 --per-condition 8 \
+  --cfg-scale 5 --decoder-steps 1 --out "$FM/reports/samples/classes-eos.png"
+# [/card]
 # [card emoji-tokenizer]
 $FLEXTOK evaluate tokenizer --tokenizer "$EM/tokenizer.safetensors" --data "$RUNS/emoji-test" --max-images 391 \
   --steps 1 --out "$EM/reports/tokenizer-1-step"
@@ -168,6 +188,9 @@ $PY scripts/model_card.py "$FM/generator.safetensors" --run "$RUNS/fm-gen" --com
   --data "the Fashion-MNIST train split's tokens from the tokenizer beside it (60,000 x 32 tokens, 10 classes)" \
   --eval "$FM/reports/generator-cfg-1" --eval "$FM/reports/generator-cfg-3" --eval "$FM/reports/generator-cfg-5" \
   --eval "$FM/reports/generator-cfg-3-decoder-8-steps-guidance-2" --eval "$FM/reports/samples" --notes-file $CMDS/fm-generator.notes.md
+$PY scripts/model_card.py "$FM/generator-eos.safetensors" --run "$RUNS/fm-gen-eos/checkpoint_00000500" --commands fm-generator-eos \
+  --data "adaptive-length tokens of the first 6,000 Fashion-MNIST train images from the tokenizer beside it (10 classes)" \
+  --eval "$FM/reports/generator-eos-cfg-3" --eval "$FM/reports/generator-eos-cfg-5" --notes-file $CMDS/fm-generator-eos.notes.md
 $PY scripts/model_card.py "$EM/tokenizer.safetensors" --run "$RUNS/emoji-tok" --run "$RUNS/emoji-tok-dec" --commands emoji-tokenizer \
   --data "Noto Color Emoji train split (3,264 emoji, 32 px; a fixed 90/10 split by name hash); evaluated on the 391 held out" \
   --eval "$EM/reports/tokenizer-1-step" --notes-file $CMDS/emoji-tokenizer.notes.md

@@ -23,11 +23,12 @@ ASSETS = Path(flextok.__file__).parent / "assets"
 SHIPPED = {
     "fashion-mnist/tokenizer.safetensors": "FlexTok",
     "fashion-mnist/generator.safetensors": "Generator",
+    "fashion-mnist/generator-eos.safetensors": "Generator",
     "fashion-mnist/judge.safetensors": "Classifier",
     "emoji/tokenizer.safetensors": "FlexTok",
     "emoji/generator.safetensors": "Generator",
 }
-MAX_TOTAL_BYTES = 25_000_000
+MAX_TOTAL_BYTES = 32_000_000  # 22.5 MB of the first four models and the judge, 7.5 MB of the EOS generator
 
 
 def _load(path: Path):
@@ -86,6 +87,23 @@ def test_generator_records_the_tokenizer_beside_it(folder):
         ASSETS / folder / "tokenizer.safetensors")
 
 
+def test_the_eos_generator_speaks_the_tokenizer_beside_it_and_stops_near_the_data_length():
+    """Plain conditional sampling follows the length distribution the generator learned: its mean
+    length must be within 10% of its training data's (11.70 tokens per image, the adaptive-length
+    manifest of the 6,000 training images; the card's notes)."""
+    from flextok.generator import token_lengths
+
+    path = ASSETS / "fashion-mnist/generator-eos.safetensors"
+    generator = Generator.from_pretrained(path)
+    assert generator.config.use_eos and generator.config.vocab_size == 1001
+    assert resolve_tokenizer(generator, path) == str(ASSETS / "fashion-mnist/tokenizer.safetensors")
+    assert json.loads(read_metadata(path)["length_target"])["max_relative_error"] == 0.2
+    tokens = generator.generate(torch.arange(10).repeat(40), generator=torch.Generator().manual_seed(0))
+    lengths = token_lengths(tokens).float()
+    assert abs(lengths.mean().item() - 11.70) <= 0.1 * 11.70, lengths.mean()
+    assert lengths.min() >= 1 and len(lengths.unique()) > 1
+
+
 def test_class_generator_names_its_classes():
     md = read_metadata(ASSETS / "fashion-mnist/generator.safetensors")
     generator = Generator.from_pretrained(ASSETS / "fashion-mnist/generator.safetensors")
@@ -121,6 +139,7 @@ def test_the_fashion_mnist_tokenizer_is_trained(tmp_path):
 # The cards quote the reproduce script's `# [card NAME]` blocks: one source for both.
 REPO = Path(__file__).resolve().parents[1]
 CARDS = {"fashion-mnist/tokenizer.md": "fm-tokenizer", "fashion-mnist/generator.md": "fm-generator",
+         "fashion-mnist/generator-eos.md": "fm-generator-eos",
          "emoji/tokenizer.md": "emoji-tokenizer", "emoji/generator.md": "emoji-generator"}
 
 

@@ -31,6 +31,7 @@ def test_quickstart_writes_a_report_with_its_pictures(tmp_path, capfd):
     assert json.loads((out / "generator" / "train_summary.json").read_text())["step"] == 3
     # one report: Fashion-MNIST reconstructions over k and class samples beside the emoji pictures
     pictures = {"fashion-mnist/eval/reconstructions.png": 8 * 7, "fashion-mnist/classes.png": 10 * 6,
+                "fashion-mnist/classes-eos.png": 10 * 6,
                 "samples.png": 8 * 4, "eval/reconstructions.png": 8 * 7, "eval/psnr_vs_k.png": None}
     for picture, cells in pictures.items():
         assert f"]({picture})" in report, picture
@@ -39,6 +40,7 @@ def test_quickstart_writes_a_report_with_its_pictures(tmp_path, capfd):
             if cells:  # a labelled grid of 28/32 px cells: at least this many cells' worth of pixels
                 assert im.width * im.height >= cells * 28 * 28, picture
     assert report.index("Fashion-MNIST") < report.index("## Emoji")
+    assert "stops each image where it chooses, here after" in report  # the shipped EOS generator
     tables = [line for line in report.splitlines() if line.startswith("| PSNR (dB) |")]
     assert len(tables) == 2  # Fashion-MNIST's and the emoji's
     fm_psnr = [float(v) for v in tables[0].strip("|").split("|")[1:]]
