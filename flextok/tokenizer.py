@@ -277,6 +277,7 @@ class FlexTok(nn.Module):
         """images (B, 3, H, W) in [-1, 1] -> all K tokens plus, per image, the shortest prefix length
         whose reconstruction meets `target`, measured in one batched one-step decoder call
         (`flextok.adaptive`). Needs the decoder, unlike `tokenize`."""
+        self._need_decoder()
         return choose_lengths(self, images, target)
 
     @torch.no_grad()

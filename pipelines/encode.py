@@ -116,9 +116,10 @@ class TokenizeBatch:
                 f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); fix the node's driver/torch, "
                 "or pass --device cpu to tokenize on CPU on purpose"
             )
-        # Tokenizing never uses the flow decoder: the actor neither reads nor holds it.
+        # Plain tokenizing never uses the flow decoder: the actor neither reads nor holds it. Adaptive
+        # length measures candidate prefixes with it, so only then is it loaded.
         self.model = load_model(model, device=self.device, storage_options=storage_options, sha256=sha256,
-                                encoder_only=True)
+                                encoder_only=length_target is None)
         if compile:
             from flextok.compile import compile_blocks
 

@@ -62,6 +62,8 @@ def _alone_mse(model, image: np.ndarray, tokens, seed: int = 0) -> float:
 def test_stage_stores_the_chosen_prefix_and_its_quality(fm_images):
     _, images = fm_images
     stage = TokenizeBatch(FM_TOKENIZER, length_target=TARGET, num_threads=1)
+    # adaptive length needs the flow decoder; plain tokenizing loads the encoder only
+    assert stage.model.decoder is not None and TokenizeBatch(FM_TOKENIZER).model.decoder is None
     out = stage(_decoded([images[0], None, images[1], images[2]]))
     assert out.schema.equals(ADAPTIVE_ENCODED_SCHEMA)
     model = load_model(FM_TOKENIZER)
