@@ -144,9 +144,8 @@ def write_tokens(path: Path, tokens, conditions: Sequence[int | str], *, is_clas
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.schema import TOKEN_SCHEMA, file_metadata, tokens_array
-
     from flextok.generator import token_lengths
+    from pipelines.schema import TOKEN_SCHEMA, file_metadata, tokens_array
 
     n = tokens.shape[0]
     per = n // len(conditions)

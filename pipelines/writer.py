@@ -40,8 +40,8 @@ from pipelines.retry import RetryPolicy, call_with_retries
 from pipelines.schema import (
     ADAPTIVE_ENCODED_SCHEMA,
     ENCODED_SCHEMA,
-    encoded_schema,
     PIECE_SCHEMA,
+    encoded_schema,
     error_kind,
     error_rows,
     read_file_metadata,

@@ -94,10 +94,10 @@ def test_aggregate_sums_markers():
     m1 = {"inputs": 3, "rows": 2, "errors": 1, "errors_by_kind": {"empty image": 1},
           "errors_by_stage": {"decode": 1}, "token_length_histogram": {"32": 2}}
     m2 = {"inputs": 2, "rows": 2, "errors": 0, "errors_by_kind": {}, "errors_by_stage": {},
-          "token_length_histogram": {"32": 1, "8": 1}}
+          "token_length_histogram": {"32": 1, "8": 1}, "retries": 3}
     out = writer.aggregate([m1, m2])
     assert out["counts"] == {"inputs": 5, "rows": 4, "errors": 1, "errors_by_kind": {"empty image": 1},
-                             "errors_by_stage": {"decode": 1}}
+                             "errors_by_stage": {"decode": 1}, "io_retries": 3}
     assert out["token_length_histogram"] == {"8": 1, "32": 3}
 
 
