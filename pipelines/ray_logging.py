@@ -159,6 +159,7 @@ def configure_progress(*, interactive: bool | None = None) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True  # whatever an earlier job in this process chose (training turns it off)
     ctx.enable_operator_progress_bars = False
     ctx.enable_progress_bar_name_truncation = False
     if sys.stdout.isatty() if interactive is None else interactive:
