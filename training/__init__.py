@@ -6,6 +6,7 @@ One concern per module, in dependency order:
     optim      AdamW (decay on matrices only), warm-up + cosine schedule, optimiser state, EMA
     runs       the run folder: layout, newest checkpoint (local or remote), settings a resume must
                repeat, tokenizer provenance
+    batching   token-budget micro-batches of a window of token rows: packed, length-bucketed or padded
     data       Ray Datasets of images and token rows, Arrow collates, the per-worker batch stream
     tasks      what is trained: TokenizerTask, GeneratorTask (pure PyTorch hooks)
     trainer    one worker's model, optimiser, EMA and step (no Ray: unit-tested directly)
