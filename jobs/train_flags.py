@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli_util import json_arg, positive_int
+from jobs.cli_util import finite_float, json_arg, positive_float, positive_int
 from training.settings import STRATEGIES, TrainConfig
 
 
@@ -15,14 +15,14 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="optimizer steps in all (default %(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help="global batch size, split evenly over the workers (default %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW (default %(default)s)")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+    g.add_argument("--lr", type=finite_float, default=d.lr, help="peak learning rate of AdamW (default %(default)s)")
+    g.add_argument("--min-lr-ratio", type=finite_float, default=d.min_lr_ratio,
                    help="cosine decay ends at lr * this (default %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps, at most half of --max-steps (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    g.add_argument("--weight-decay", type=finite_float, default=d.weight_decay,
                    help="AdamW weight decay on matrices, not on biases/norms (default %(default)s)")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global grad norm, 0 = off (default %(default)s)")
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA of the weights (default %(default)s)")
+    g.add_argument("--grad-clip", type=finite_float, default=d.grad_clip, help="max global grad norm, 0 = off (default %(default)s)")
+    g.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help="EMA of the weights (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of init, noise and shuffling (default %(default)s)")
     g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
                    help="rows in each worker's local shuffle buffer, 0 = no shuffle (default %(default)s)")
@@ -51,11 +51,11 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="micro-batches per optimizer step: each worker runs --batch-size / workers / this rows at "
                    "a time (default %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    g.add_argument("--peak-tflops", type=float, default=None,
+    g.add_argument("--peak-tflops", type=positive_float, default=None,
                    help="dense bf16 peak of one device, for the MFU in logs and TensorBoard (default: known for "
                    "A100, H100, H200, L4; none on CPUs)")
     g.add_argument("--gpus", action="store_true", help="one GPU per worker (nccl, bf16 autocast); default CPU (gloo, fp32)")
-    g.add_argument("--cpus-per-worker", type=float, default=None,
+    g.add_argument("--cpus-per-worker", type=finite_float, default=None,
                    help="CPUs reserved per worker (default: 1, less when the cluster must keep a CPU for data)")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per worker (default: the node's CPUs shared by the workers)")

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.cli_util import positive_int, run_cli
+from jobs.cli_util import finite_float, positive_int, run_cli
 
 log = logging.getLogger("jobs.train_generator")
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", default=None, help="frozen text encoder (default: the offline MiniLM)")
     g.add_argument("--max-text-tokens", type=positive_int, default=None,
                    help="captions are cut to this many encoder tokens (default 32)")
-    g.add_argument("--cond-dropout", type=float, default=None, help="probability of the null condition (CFG)")
+    g.add_argument("--cond-dropout", type=finite_float, default=None, help="probability of the null condition (CFG)")
     g.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
                    help="an end-of-sequence id after the codebook: the generator learns where each row ends and "
                    "stops there when sampling. Default: on for tokens of an adaptive-length run "
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("grids")
     g.add_argument("--grid-conditions", type=positive_int, default=8, help="classes or captions per grid (default %(default)s)")
     g.add_argument("--grid-per-condition", type=positive_int, default=4, help="samples each (default %(default)s)")
-    g.add_argument("--grid-cfg", type=float, default=3.0, help="CFG scale of grid samples (default %(default)s)")
+    g.add_argument("--grid-cfg", type=finite_float, default=3.0, help="CFG scale of grid samples (default %(default)s)")
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
     add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=2000, warmup_steps=100, weight_decay=0.05))
     add_init_arg(p, "generator")

@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jobs.cli_util import positive_int, run_cli
+from jobs.cli_util import finite_float, positive_int, run_cli
 
 log = logging.getLogger("jobs.train_tokenizer")
 
@@ -81,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of the frozen VAE of a latent-space preset (d12_d12, d18_d18, d18_d28): a "
                    "safetensors file or diffusers folder every worker can read; required by those presets")
     g.add_argument("--nested-dropout", choices=NESTED_DROPOUT_MODES, help="how k is drawn in training")
-    g.add_argument("--full-k-fraction", type=float,
+    g.add_argument("--full-k-fraction", type=finite_float,
                    help="fraction of examples that keep all K tokens (the rest draw k by --nested-dropout): "
                    "trains the last tokens more often than nested dropout alone")
     g.add_argument("--time-sampling", choices=TIME_SAMPLING_MODES, help="flow time distribution")
-    g.add_argument("--uniform-time-fraction", type=float, help="fraction of flow times drawn uniformly")
-    g.add_argument("--noise-time-fraction", type=float,
+    g.add_argument("--uniform-time-fraction", type=finite_float, help="fraction of flow times drawn uniformly")
+    g.add_argument("--noise-time-fraction", type=finite_float,
                    help="fraction of examples at t = 1 (pure noise), where one decoder step is the mean "
                    "reconstruction: raises PSNR with few-step decoding")
-    g.add_argument("--cond-dropout", type=float, help="probability of the null condition (CFG training)")
+    g.add_argument("--cond-dropout", type=finite_float, help="probability of the null condition (CFG training)")
     g = p.add_argument_group("grids")
     g.add_argument("--grid-images", type=positive_int, default=8, help="images per grid (default %(default)s)")
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps in grids (default %(default)s)")
