@@ -127,3 +127,34 @@ def test_perturbing_one_sequence_leaves_the_others_unchanged():
     others = (doc != 2) & (doc >= 0)
     assert torch.equal(before[others], after[others])
     assert not torch.allclose(before[doc == 2][1:], after[doc == 2][1:])  # the perturbation is real
+
+
+def test_rotary_positions_restart_at_every_sequence(monkeypatch):
+    """RoPE scores depend only on relative positions, so a loss cannot tell global positions from
+    per-sequence ones; the rotary angles can. Each packed position must rotate by its index within
+    its own sequence, counted here independently from the document ids alone."""
+    import flextok.gpt
+
+    seen = []
+    original = flextok.gpt.rope_angles
+
+    def spy(positions, head_dim, base):
+        seen.append(positions.clone())
+        return original(positions, head_dim, base)
+
+    monkeypatch.setattr(flextok.gpt, "rope_angles", spy)
+    config = GPTConfig.for_tokenizer(TINY_TOK, depth=1, dim=32, num_heads=2, num_classes=4, use_eos=True)
+    model = Generator(config).eval()
+    lengths = (7, 3, 12, 5, 1)
+    rows = [torch.arange(n) for n in lengths]
+    with torch.no_grad():
+        model.forward_packed(rows, torch.arange(5) % 4, row_length=20)
+    (positions,) = seen  # (R, S), handed to the rotary embedding once per forward
+    plan = plan_packing([n + 1 for n in lengths], row_length=20)  # class prefix + n inputs/EOS each
+    doc = plan.doc_ids()
+    assert positions.shape == doc.shape
+    for r in range(doc.shape[0]):
+        for j in range(doc.shape[1]):
+            if doc[r, j] >= 0:  # the index within its sequence: earlier positions of the same document
+                assert positions[r, j] == int((doc[r, :j] == doc[r, j]).sum()), (r, j)
+    assert int(positions.max()) == max(lengths)  # and not the row offset
