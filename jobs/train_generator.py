@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
                    help="an end-of-sequence id after the codebook: the generator learns where each row ends and "
                    "stops there when sampling. Default: on for tokens of an adaptive-length run "
-                   "(`flextok tokenize --adaptive-...`), off otherwise")
+                   "(`flextok tokenize --adaptive-...`), off otherwise; on rows that keep all K tokens "
+                   "(--adaptive-keep-all) it trains on each row's chosen prefix")
     g = p.add_argument_group("grids")
     g.add_argument("--grid-conditions", type=positive_int, default=8, help="classes or captions per grid (default %(default)s)")
     g.add_argument("--grid-per-condition", type=positive_int, default=4, help="samples each (default %(default)s)")
@@ -102,14 +103,17 @@ def init_config(args: argparse.Namespace, data, init_path: str):
 
 
 def use_eos(args: argparse.Namespace, data) -> bool:
-    """--eos as given, else whether DST's rows are adaptive-length prefixes."""
+    """--eos as given, else whether DST's rows are adaptive-length prefixes (all K tokens kept: off)."""
     target = data.metadata.get("length_target")
-    if target and target.get("keep_all_tokens") and args.eos:
-        raise ValueError(f"{args.tokens} stores all K tokens per row (--adaptive-keep-all): an EOS generator needs "
-                         "the chosen prefixes; tokenize without --adaptive-keep-all")
     if args.eos is not None:
         return args.eos
     return bool(target) and not target.get("keep_all_tokens")
+
+
+def cuts_to_chosen_prefix(data, eos: bool) -> bool:
+    """An EOS generator on `--adaptive-keep-all` rows trains on each row's chosen prefix (then EOS)."""
+    target = data.metadata.get("length_target")
+    return eos and bool(target) and bool(target.get("keep_all_tokens"))
 
 
 def check_labels(data, num_classes: int, tokens: str, known: str) -> None:
@@ -208,9 +212,11 @@ def _run(args: argparse.Namespace) -> int:
     def datasets(order_seed: int) -> dict:
         log.info("tokens: %s, %d rows in %d file(s), codebook %d, K %d, tokenizer %s", args.tokens, data.num_rows,
                  len(data.paths), md["codebook_size"], md["max_tokens"], md.get("checkpoint_id"))
-        out = {"train": token_dataset(store, data, args.cond, order_seed)}
+        out = {"train": token_dataset(store, data, args.cond, order_seed,
+                                      chosen_prefix=cuts_to_chosen_prefix(data, config.use_eos))}
         if val is not None:
-            out[VAL] = token_dataset(val_store, val, args.cond).limit(args.val_items).materialize()
+            out[VAL] = token_dataset(val_store, val, args.cond, chosen_prefix=cuts_to_chosen_prefix(val, config.use_eos)
+                                     ).limit(args.val_items).materialize()
         return out
 
     summary = run_training(task, datasets, cfg, run_url=args.output, storage_options=args.storage_options,

@@ -198,11 +198,31 @@ def conditioned_rows(batch, *, column: str):
     return batch.filter(pc.is_valid(batch[column]))
 
 
-def token_dataset(store, data: TokenData, cond: str, order_seed: int | None = None):
+def chosen_prefixes(batch: pa.Table) -> pa.Table:
+    """Rows of an `--adaptive-keep-all` run (all K tokens) cut to their chosen prefix (`chosen_num_tokens`).
+
+    Vectorised on the Arrow buffers; a chosen length outside 1..num_tokens is a ValueError (not flextok data).
+    """
+    tokens = batch.column("tokens").combine_chunks()
+    chosen = batch.column("chosen_num_tokens").to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+    lengths = pc.list_value_length(tokens).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(chosen) and not ((chosen >= 1) & (chosen <= lengths)).all():
+        raise ValueError("chosen_num_tokens must be 1..num_tokens in every row of an adaptive token file")
+    values = tokens.flatten()
+    row = pc.list_parent_indices(tokens).to_numpy(zero_copy_only=False)  # each value's row
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    keep = np.arange(len(values)) - starts[row] < chosen[row]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(chosen)]).astype(np.int32))
+    cut = pa.ListArray.from_arrays(offsets, values.filter(pa.array(keep)), type=tokens.type)
+    return batch.set_column(batch.schema.get_field_index("tokens"), "tokens", cut).drop_columns(["chosen_num_tokens"])
+
+
+def token_dataset(store, data: TokenData, cond: str, order_seed: int | None = None, *, chosen_prefix: bool = False):
     """Ray Dataset of (tokens, label | caption) rows read straight from DST's Parquet files.
 
     With `order_seed` the files are read in a seeded order that changes at every epoch (execution);
-    without it, in listing order (held-out data).
+    without it, in listing order (held-out data). `chosen_prefix` cuts the rows of an
+    `--adaptive-keep-all` run to the prefix length chosen for each (an EOS generator learns to stop there).
     """
     import pyarrow.fs
     import ray.data
@@ -210,7 +230,10 @@ def token_dataset(store, data: TokenData, cond: str, order_seed: int | None = No
     column = "label" if cond == "class" else "caption"
     filesystem = None if store.is_local else pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
     shuffle = None if order_seed is None else ray.data.FileShuffleConfig(seed=order_seed, reseed_after_execution=True)
-    ds = ray.data.read_parquet(data.paths, filesystem=filesystem, shuffle=shuffle).select_columns(["tokens", column])
+    columns = ["tokens", column] + (["chosen_num_tokens"] if chosen_prefix else [])
+    ds = ray.data.read_parquet(data.paths, filesystem=filesystem, shuffle=shuffle).select_columns(columns)
+    if chosen_prefix:
+        ds = ds.map_batches(chosen_prefixes, batch_format="pyarrow")
     return ds.map_batches(conditioned_rows, batch_format="pyarrow", fn_kwargs={"column": column})
 
 

@@ -268,9 +268,49 @@ def test_eos_is_on_for_adaptive_prefixes_and_refused_for_kept_all_tokens(token_d
     assert config_for(prefixes).use_eos and config_for(prefixes).vocab_size == 1001
     assert not config_for(prefixes, "--no-eos").use_eos
     assert not config_for(None).use_eos and config_for(None, "--eos").use_eos
-    assert not config_for({**prefixes, "keep_all_tokens": True}).use_eos
-    with pytest.raises(ValueError, match="adaptive-keep-all"):
-        config_for({**prefixes, "keep_all_tokens": True}, "--eos")
+    assert not config_for({**prefixes, "keep_all_tokens": True}).use_eos  # all K kept: fixed length by default
+    assert config_for({**prefixes, "keep_all_tokens": True}, "--eos").use_eos  # on the chosen prefixes
+
+
+def _kept_all(rows: int = 6) -> pa.Table:
+    """Rows of an --adaptive-keep-all run: all K = 32 tokens, a chosen length recorded per row."""
+    tokens = [list(range(100 * i, 100 * i + 32)) for i in range(rows)]
+    return pa.Table.from_pydict({
+        "tokens": pa.array(tokens, pa.list_(pa.uint16())), "label": pa.array([i % 3 for i in range(rows)], pa.int32()),
+        "chosen_num_tokens": pa.array([1 + (5 * i) % 32 for i in range(rows)], pa.uint16()),
+    })
+
+
+def test_kept_all_rows_are_cut_to_their_chosen_prefix():
+    from training.data import chosen_prefixes
+
+    table = _kept_all()
+    cut = chosen_prefixes(table.slice(2, 3))  # a slice: Arrow offsets that do not start at 0
+    assert cut.column_names == ["tokens", "label"]
+    assert cut["tokens"].to_pylist() == [list(range(100 * i, 100 * i + 1 + (5 * i) % 32)) for i in (2, 3, 4)]
+    assert cut["label"].to_pylist() == [2, 0, 1]
+    bad = table.set_column(2, "chosen_num_tokens", pa.array([0] * 6, pa.uint16()))
+    with pytest.raises(ValueError, match="chosen_num_tokens must be 1..num_tokens"):
+        chosen_prefixes(bad)
+
+
+def test_eos_training_on_kept_all_rows_reads_the_chosen_prefixes(ray_local, tmp_path):
+    """The training dataset of an --eos run on --adaptive-keep-all tokens: each row its chosen prefix."""
+    from jobs.train_generator import cuts_to_chosen_prefix
+    from training.data import token_dataset
+
+    table = _kept_all()
+    target = {"max_relative_error": 0.2, "keep_all_tokens": True, "candidate_lengths": list(range(1, 33))}
+    md = file_metadata(checkpoint_id="t", checkpoint_sha256=None, codebook_size=1000, fsq_levels=(8, 5, 5, 5),
+                       max_tokens=32, image_size=32, class_names=(), length_target=target)
+    (tmp_path / "tok").mkdir()
+    pq.write_table(table.replace_schema_metadata(md), tmp_path / "tok" / "part-000.parquet")
+    data = inspect_tokens(OutputStore(str(tmp_path / "tok")))
+    assert cuts_to_chosen_prefix(data, eos=True) and not cuts_to_chosen_prefix(data, eos=False)
+    rows = token_dataset(OutputStore(str(tmp_path / "tok")), data, "class", chosen_prefix=True).take_all()
+    got = sorted((r["label"], list(r["tokens"])) for r in rows)
+    want = sorted((i % 3, list(range(100 * i, 100 * i + 1 + (5 * i) % 32))) for i in range(6))
+    assert got == want
 
 
 @pytest.mark.slow
