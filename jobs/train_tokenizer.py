@@ -153,9 +153,31 @@ def _check_output(data: str, output: str) -> None:
         raise ValueError(f"--output {output} lies inside --data {data}; choose another folder")
 
 
+def usable_inputs(flag: str, url: str, storage_options: dict):
+    """The input plan of `url` without the Parquet files that hold no images (a wrong column type, a
+    file that is not Parquet): training skips them, named in one warning line, instead of meeting
+    them as error rows in every epoch. Nothing usable at all is a one-line error."""
+    import dataclasses
+
+    from pipelines.sources import resolve_inputs, unusable_parquet_shards
+
+    plan = resolve_inputs(url, storage_options)
+    problems = unusable_parquet_shards(plan, storage_options) if plan.format == "parquet" else {}
+    if not problems:
+        return plan
+    bad = [s for s in plan.shards if s.id in problems]
+    examples = "; ".join(f"{s.source}: {problems[s.id]}" for s in bad[:3])
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    if len(bad) == len(plan.shards):
+        raise ValueError(f"{flag} {url}: no Parquet file holds images: {examples}{more}")
+    log.warning("%s: skipping %d of %d Parquet files that hold no images: %s%s", flag, len(bad), len(plan.shards),
+                examples, more)
+    return dataclasses.replace(plan, shards=tuple(s for s in plan.shards if s.id not in problems))
+
+
 def _run(args: argparse.Namespace) -> int:
     from jobs.train_flags import train_config_from_args
-    from pipelines.sources import effective_storage_options, resolve_inputs
+    from pipelines.sources import effective_storage_options
     from training.data import VAL, image_dataset
     from training.driver import run_training, summary_line
     from training.runs import resolve_init
@@ -181,9 +203,9 @@ def _run(args: argparse.Namespace) -> int:
     val_options = effective_storage_options(args.val_data, args.storage_options) if args.val_data else {}
 
     def preflight() -> None:
-        plans["train"] = resolve_inputs(args.data, data_options)  # one clear error for missing data
+        plans["train"] = usable_inputs("--data", args.data, data_options)  # one clear error for missing data
         if args.val_data:
-            plans[VAL] = resolve_inputs(args.val_data, val_options)
+            plans[VAL] = usable_inputs("--val-data", args.val_data, val_options)
 
     def datasets(order_seed: int) -> dict:
         plan = plans["train"]

@@ -479,18 +479,56 @@ def _first_present(names: Iterable[str], candidates: Iterable[str]) -> str | Non
     return next((c for c in candidates if c in names), None)
 
 
+def parquet_image_column(schema: pa.Schema) -> str:
+    """The column of image bytes in a Parquet schema; ValueError (one line) when there is none."""
+    image_col = _first_present(schema.names, PARQUET_IMAGE_COLUMNS)
+    if image_col is None:
+        raise ValueError(f"no image column (looked for {', '.join(PARQUET_IMAGE_COLUMNS)})")
+    image_type = schema.field(image_col).type
+    if pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0:
+        image_type = image_type.field("bytes").type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+        raise ValueError(f"column {image_col!r} holds {image_type}, not image bytes (binary)")
+    return image_col
+
+
+def unusable_parquet_shards(plan: InputPlan, storage_options: Mapping[str, Any] | None = None,
+                            threads: int = 16) -> dict[str, str]:
+    """Shard id -> one line, for the Parquet shards of `plan` that can hold no image: a footer that
+    does not read (a truncated or non-Parquet file) or no image-bytes column. Only footers are read,
+    concurrently. A storage fault is not the file's: it is retried, and raises once retries are spent.
+    The tokenize pipeline reports such a file as its one error row; a training job skips it up front.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(shard: Shard) -> str | None:
+        fs, path = filesystem(shard.url, storage_options)
+
+        def footer() -> pa.Schema:
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).schema_arrow
+
+        try:
+            parquet_image_column(retry.call_with_retries(footer, what=f"reading {shard.source}"))
+        except FileNotFoundError:
+            return error_message("missing shard", f"{shard.source} does not exist")
+        except Exception as e:
+            if retry.classify(e) is not None:
+                raise
+            return error_message("unreadable shard", str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}")
+        return None
+
+    shards = [s for s in plan.shards if s.format == "parquet"]
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+        found = pool.map(check, shards)
+        return {shard.id: problem for shard, problem in zip(shards, found) if problem is not None}
+
+
 def _read_parquet(shard: Shard, fs: Any, path: str, rows_per_batch: int) -> Iterator[dict[str, Any]]:
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        image_col = _first_present(names, PARQUET_IMAGE_COLUMNS)
-        if image_col is None:
-            raise ValueError(f"no image column (looked for {', '.join(PARQUET_IMAGE_COLUMNS)})")
-        image_type = pf.schema_arrow.field(image_col).type
-        if pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0:
-            image_type = image_type.field("bytes").type
-        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-            raise ValueError(f"column {image_col!r} holds {image_type}, not image bytes (binary)")
+        image_col = parquet_image_column(pf.schema_arrow)
         label_col = _first_present(names, LABEL_FIELDS)
         caption_col = _first_present(names, CAPTION_FIELDS)
         key_col = _first_present(names, KEY_FIELDS)
@@ -658,7 +696,8 @@ def read_shard_batch(batch: pa.Table, storage_options: Mapping[str, Any] | None 
 
 
 __all__ = [
-    "FORMATS", "InputPlan", "Shard", "expand_braces", "read_shard", "read_shard_batch", "resolve_inputs",
+    "FORMATS", "InputPlan", "Shard", "expand_braces", "parquet_image_column", "read_shard", "read_shard_batch",
+    "resolve_inputs", "unusable_parquet_shards",
     # re-exported from pipelines.storage
     "effective_storage_options", "filesystem", "redact_options", "redact_url",
 ]

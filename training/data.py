@@ -9,6 +9,7 @@ lives here and only here. Does not own models or losses (`training.tasks`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -238,13 +239,47 @@ def token_dataset(store, data: TokenData, cond: str, order_seed: int | None = No
 
 
 # Images (the pipeline's read and decode stages) ------------------------------------------------
+class _SkipLog:
+    """Per process: report undecodable samples without a line per batch and epoch. The same samples come
+    back every epoch, so only ones not seen before count; the first is logged at once, the rest at most
+    every `every_s` seconds as a count."""
+
+    def __init__(self, every_s: float = 300.0, remember: int = 100_000) -> None:
+        self.every_s, self.remember = every_s, remember
+        self.seen: set[str] = set()
+        self.pending, self.total, self.example = 0, 0, ""
+        self.last_log: float | None = None
+
+    def add(self, keys: list[str], errors: list[str], now: float) -> str | None:
+        """Record skipped samples; returns the line to log, if one is due."""
+        for key, error in zip(keys, errors):
+            if key in self.seen:
+                continue
+            if len(self.seen) < self.remember:
+                self.seen.add(key)
+            self.pending += 1
+            self.example = self.example or f"{key}: {error}"
+        if not self.pending or (self.last_log is not None and now - self.last_log < self.every_s):
+            return None
+        self.total += self.pending
+        line = (f"skipping undecodable samples, e.g. {self.example}" if self.last_log is None else
+                f"skipped {self.pending} more undecodable samples ({self.total} in this process)")
+        self.pending, self.last_log = 0, now
+        return line
+
+
+_SKIPS = _SkipLog()
+
+
 def training_rows(batch):
     """Decoded rows -> the pixels of the good ones (errors and shard end markers dropped)."""
     ok = batch.filter(pc.and_(pc.is_null(batch["error"]), pc.greater_equal(batch["index"], 0)))
-    dropped = batch.num_rows - ok.num_rows - pc.sum(pc.less(batch["index"], 0)).as_py()
-    if dropped:
-        log.warning("skipping %d undecodable samples, e.g. %s", dropped,
-                    batch.filter(pc.is_valid(batch["error"]))["error"][0].as_py())
+    # Samples with an error; a failed shard's end marker is not a sample (read_shard logged it).
+    bad = batch.filter(pc.and_(pc.is_valid(batch["error"]), pc.greater_equal(batch["index"], 0)))
+    if bad.num_rows:
+        line = _SKIPS.add(bad["key"].to_pylist(), bad["error"].to_pylist(), time.monotonic())
+        if line is not None:
+            log.warning("%s", line)
     return ok.select(["pixels"])
 
 

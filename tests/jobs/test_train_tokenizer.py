@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -251,3 +252,50 @@ def test_latent_presets_need_the_vae_weights(tmp_path):
     weights = tmp_path / "vae.safetensors"
     weights.write_bytes(b"")  # only its path is recorded here; the workers load it
     assert config("--preset", "d12_d12", "--vae", str(weights)).vae.path == str(weights.resolve())
+
+
+def test_undecodable_samples_are_reported_once_not_every_batch_and_epoch():
+    from training.data import _SkipLog
+
+    skips = _SkipLog(every_s=300, remember=4)
+    assert skips.add(["a/1", "a/2"], ["truncated JPEG", "bad"], now=0.0) == "skipping undecodable samples, e.g. a/1: truncated JPEG"
+    assert skips.add(["a/1", "a/2"], ["truncated JPEG", "bad"], now=100.0) is None  # the next epoch: seen
+    assert skips.add(["b/1"], ["bad"], now=110.0) is None  # new, but a line is not due yet
+    assert skips.add(["b/2"], ["bad"], now=301.0) == "skipped 2 more undecodable samples (4 in this process)"
+    assert skips.add(["a/1", "b/1", "b/2"], ["bad"] * 3, now=1200.0) is None
+    # Past `remember` keys, new ones are still counted, but not remembered: they may count again.
+    assert skips.add(["c/1"], ["bad"], now=1300.0) == "skipped 1 more undecodable samples (5 in this process)"
+    assert skips.add(["c/1"], ["bad"], now=1700.0) == "skipped 1 more undecodable samples (6 in this process)"
+
+
+@pytest.mark.slow
+def test_images_on_s3_with_one_parquet_file_of_twelve_that_holds_no_images(ray_local, s3_server, corpus, tmp_path,
+                                                                               subprocess_env):
+    """--data on the S3 server: 11 Parquet files of real photos and one whose `image` column holds ints.
+    The bad file is skipped up front in one warning line that names it; the job trains on the rest,
+    without a traceback or a line per epoch (the 88 images are read 4 times over)."""
+    import subprocess
+    import sys
+
+    rows = pa.concat_tables(list(read_shard(resolve_inputs(str(corpus)).shards[0])))
+    rows = rows.filter(pc.greater_equal(rows["index"], 0))
+    fs = s3_server.filesystem()
+    bucket = s3_server.make_bucket("tok")
+    for i in range(12):
+        table = (pa.table({"image": list(range(8)), "label": [0] * 8}) if i == 5 else
+                 pa.table({"image": rows["image"].slice(8 * i, 8), "label": rows["label"].slice(8 * i, 8)}))
+        pq.write_table(table, tmp_path / f"f{i:02d}.parquet")
+        fs.put_file(str(tmp_path / f"f{i:02d}.parquet"), f"{bucket}/pq/f{i:02d}.parquet")
+    run = tmp_path / "run"
+    argv = ["--data", f"s3://{bucket}/pq", "--output", str(run), *ARCH, *FAST, "--max-steps", "44", "--batch-size", "8",
+            "--log-every", "11", "--checkpoint-every", "44", "--grid-every", "0"]
+    proc = subprocess.run([sys.executable, "-m", "jobs.train_tokenizer", *argv], capture_output=True, text=True,
+                          env=subprocess_env(ray_local.env, s3_server.env), timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    named = [line for line in out.splitlines() if "f05" in line]
+    assert len(named) == 1 and "skipping 1 of 12 Parquet files that hold no images" in named[0], out
+    assert f"s3://{bucket}/pq/f05.parquet: unreadable shard: column 'image' holds int64" in named[0], named
+    assert "Traceback" not in out and "undecodable" not in out and len(out.splitlines()) < 25, out
+    assert json.loads((run / "train_summary.json").read_text())["items_seen"] == 44 * 8
+    assert "data: s3://" in out and "11 parquet shard(s)" in out

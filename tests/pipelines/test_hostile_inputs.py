@@ -41,6 +41,25 @@ def test_parquet_file_with_a_wrong_image_column_is_that_files_error_row(tmp_path
     assert "column 'image' holds int64, not image bytes" in b_row["error"]
 
 
+def test_parquet_files_that_can_hold_no_image_are_found_from_their_footers(tmp_path, real_images):
+    """What a training job skips up front: a wrong image column, no image column, a truncated file and
+    a file that is not Parquet; a good file and a good struct<bytes> column are kept."""
+    good = real_images[0].data
+    pq.write_table(pa.table({"image": [good]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"image": pa.array([{"bytes": good, "path": "x"}])}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"image": [1, 2]}), tmp_path / "c.parquet")
+    pq.write_table(pa.table({"pixels": [good]}), tmp_path / "d.parquet")
+    whole = (tmp_path / "a.parquet").read_bytes()
+    (tmp_path / "e.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "f.parquet").write_bytes(b"not parquet at all\n" * 20)
+    plan = resolve_inputs(str(tmp_path))
+    problems = {s.url.rsplit("/", 1)[-1]: p for s in plan.shards if (p := sources.unusable_parquet_shards(plan).get(s.id))}
+    assert sorted(problems) == ["c.parquet", "d.parquet", "e.parquet", "f.parquet"]
+    assert problems["c.parquet"] == "unreadable shard: column 'image' holds int64, not image bytes (binary)"
+    assert problems["d.parquet"].startswith("unreadable shard: no image column")
+    assert all(problems[n].startswith("unreadable shard: ArrowInvalid: ") for n in ("e.parquet", "f.parquet"))
+
+
 def test_labels_outside_the_class_id_range_are_error_rows(tmp_path, real_images):
     good = jpeg_bytes(real_images, 0)
     members = []
