@@ -140,7 +140,7 @@ def inspect_tokens(store) -> TokenData:
     num_rows, label_range, has_captions = 0, None, False
     for name in names:
         with store.fs.open(store.path(name), "rb") as f:
-            pf = pq.ParquetFile(f)
+            pf = _token_file(f, f"{store.url.rstrip('/')}/{name}")
             md = read_file_metadata(pf.schema_arrow)
             names_in_file = pf.schema_arrow.names
             if "tokens" not in names_in_file:
@@ -162,6 +162,22 @@ def inspect_tokens(store) -> TokenData:
             raise ValueError(f"{store.url} carries no flextok metadata ({key}); tokens must come from `flextok tokenize`")
     low, high = label_range if label_range is not None else (None, None)
     return TokenData([store.path(n) for n in names], num_rows, metadata, high, has_captions, low)
+
+
+def _token_file(f, url: str):
+    """`pq.ParquetFile` of an open token file; one line naming it when it is not Parquet (a truncated
+    copy, a killed writer's leftover, garbage). A storage fault is raised as it is (not the file's)."""
+    import pyarrow.parquet as pq
+
+    from pipelines import retry
+    from pipelines.storage import redact_url
+
+    try:
+        return pq.ParquetFile(f)
+    except Exception as e:
+        if retry.classify(e) is not None:
+            raise
+        raise ValueError(f"{redact_url(url)} is not a readable Parquet file (truncated or corrupt): {e}") from None
 
 
 def _label_range(pf, column: int, current: tuple[int, int] | None) -> tuple[int, int] | None:

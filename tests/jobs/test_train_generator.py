@@ -3,6 +3,7 @@ one-line errors, a 2-worker gloo DDP run, and a text run whose tokens and RUN li
 
 import json
 import math
+import os
 import uuid
 
 import numpy as np
@@ -189,6 +190,25 @@ def test_bad_inputs_are_one_line_errors(token_data, tmp_path, capsys):
         ["--tokens", str(tmp_path / "huge"), "--output", out, "--cond", "class", "--num-classes", "5"])
     assert "fewer than --batch-size 64" in error(
         ["--tokens", str(token_data["tokens"]), "--output", out, "--cond", "class", "--batch-size", "64"])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_token_part_file_is_one_line_naming_it(token_data, tmp_path, capsys, damage):
+    """A part file cut short (a killed copy), overwritten with garbage or empty: one line that names the
+    file, before any worker starts (was pyarrow's 'Parquet magic bytes not found', naming no file)."""
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, token_data["table"], "preset:tiny", None, parts=3)
+    part = tokens / "part-001.parquet"
+    data = part.read_bytes()
+    part.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    base = ["--output", str(tmp_path / "run"), "--cond", "class", "--batch-size", "8", *SMALL]
+    for argv in (["--tokens", str(tokens), *base],
+                 ["--tokens", str(token_data["tokens"]), "--val-tokens", str(tokens), *base]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"flextok train-generator: error: {part} is not a readable Parquet "
+                                                   "file (truncated or corrupt): "), err
     assert not (tmp_path / "run").exists()
 
 
