@@ -129,7 +129,6 @@ class TokenData:
 
 def inspect_tokens(store) -> TokenData:
     """List DST's part files and read their footers: schema metadata, row counts, label statistics."""
-    import pyarrow.parquet as pq
 
     from pipelines.schema import read_file_metadata
 
