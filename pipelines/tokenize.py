@@ -461,9 +461,10 @@ def _remote_model_kwargs(spec: str, cfg: TokenizeConfig, info: TokenizerInfo) ->
 def build_dataset(
     cfg: TokenizeConfig, pending: list, skip: Mapping[str, set[int]], spec: str, info: TokenizerInfo,
     max_tokens: int, actors: ActorPlan, opts_in: Mapping[str, Any], opts_out: Mapping[str, Any],
-    encoder_cls: type = TokenizeBatch,
+    encoder_cls: type = TokenizeBatch, io_options: Mapping[str, Any] | None = None,
 ):
-    """The lazy Ray Data pipeline: shards -> read+decode tasks -> encoder actors -> write tasks."""
+    """The lazy Ray Data pipeline: shards -> read+decode tasks -> encoder actors -> write tasks.
+    `io_options`: the write tasks' Ray options (`io_task_options`; default: reserve no CPU)."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -494,11 +495,30 @@ def build_dataset(
         compute=ActorPoolStrategy(min_size=actors.smallest, max_size=actors.num_actors),
         **encode_args,  # Ray Data restarts killed actors and retries their batches by default
     )
-    # Writing a batch of token rows is light I/O. Reserving no CPU keeps it from waiting for a CPU
-    # budget that the read/decode tasks hold until the whole input is read; the pool size caps it.
-    return ds.map_batches(writer.write_pieces_batch, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                          compute=TaskPoolStrategy(size=max(2, 2 * actors.num_actors)),
-                          fn_kwargs={"output": cfg.output, "storage_options": dict(opts_out)})
+    io_options = dict(io_options or {"num_cpus": 0})
+    return ds.map_batches(writer.write_pieces_batch, batch_size=None, batch_format="pyarrow",
+                          compute=TaskPoolStrategy(size=max(2, 2 * actors.num_actors)),  # caps the writers
+                          fn_kwargs={"output": cfg.output, "storage_options": dict(opts_out)}, **io_options)
+
+
+def io_task_options(nodes: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Ray options of the write and finalize tasks (light I/O), from `ray.nodes()`.
+
+    They reserve no CPU: a reservation would queue them behind read/decode tasks that Ray Data
+    back-pressures while those hold their CPUs, and the job hangs on small nodes (2 CPUs). A task
+    that reserves nothing fits any node, and Ray places it beside its caller, the driver: on a
+    cluster whose head advertises no CPU (cluster.yaml's, which only schedules) every write and
+    finalize would run there. A label selector on the node id keeps them off the nodes without CPUs;
+    a cluster whose nodes all have CPUs (a laptop, a fixed cluster) gets none. Nodes that join later
+    are workers (an autoscaling cluster adds only those).
+    """
+    from ray.util.placement_group import NODE_ID_LABEL_KEY
+
+    cpu_less = sorted(n["NodeID"] for n in nodes if n.get("Alive") and not n.get("Resources", {}).get("CPU"))
+    if not cpu_less:
+        return {"num_cpus": 0}
+    avoid = f"!{cpu_less[0]}" if len(cpu_less) == 1 else f"!in({', '.join(cpu_less)})"
+    return {"num_cpus": 0, "label_selector": {NODE_ID_LABEL_KEY: avoid}}
 
 
 def _report_gpu_nodes(actors: ActorPlan, stop: threading.Event, every_s: float = 10.0) -> None:
@@ -549,9 +569,11 @@ def _execute(
     stop_watch = threading.Event()
     if actors.gpus_per_actor and resources.get("GPU", 0.0) + 1e-9 < actors.num_actors * actors.gpus_per_actor:
         threading.Thread(target=_report_gpu_nodes, args=(actors, stop_watch), daemon=True).start()
-    ds = build_dataset(cfg, pending, skip, spec, info, max_tokens, actors, opts_in, opts_out, encoder_cls)
+    io_options = io_task_options(nodes)
+    ds = build_dataset(cfg, pending, skip, spec, info, max_tokens, actors, opts_in, opts_out, encoder_cls,
+                       io_options)
     by_id = {s.id: s for s in pending}
-    finalize = ray.remote(num_cpus=0, max_retries=3)(writer.finalize_shard_task)
+    finalize = ray.remote(max_retries=3, **io_options)(writer.finalize_shard_task)
     tracker = ShardTracker(skip)
     refs: dict[str, Any] = {}
     start = time.perf_counter()

@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.tokenize import ShardTracker, TokenizeConfig, plan_actors, summary_text
+from pipelines.tokenize import (
+    ShardTracker,
+    TokenizeConfig,
+    io_task_options,
+    plan_actors,
+    summary_text,
+)
 
 
 def test_cpu_pool_always_leaves_cpu_for_decoding():
@@ -123,3 +129,20 @@ def test_summary_fits_one_screen():
     text = summary_text(manifest)
     assert len(text.splitlines()) < 25
     assert "5.0 images/s" in text and "empty image" in text and "RANDOM" in text
+
+
+def test_write_tasks_avoid_nodes_without_cpus_and_reserve_none():
+    head, gpu_a, gpu_b = "a" * 56, "b" * 56, "c" * 56
+    node = lambda nid, res, alive=True: {"NodeID": nid, "Alive": alive, "Resources": res}  # noqa: E731
+    # cluster.yaml: a head with CPU 0 (Ray leaves the key out), GPU workers with CPUs
+    opts = io_task_options([node(head, {"memory": 1e9}), node(gpu_a, {"CPU": 16.0, "GPU": 1.0})])
+    assert opts == {"num_cpus": 0, "label_selector": {"ray.io/node-id": f"!{head}"}}
+    # several CPU-less nodes; a dead one is not named
+    opts = io_task_options([node(head, {"CPU": 0.0}), node(gpu_a, {}), node(gpu_b, {}, alive=False)])
+    assert opts["label_selector"] == {"ray.io/node-id": f"!in({head}, {gpu_a})"}
+    # a laptop or a fixed cluster: every node has CPUs, nothing to avoid
+    assert io_task_options([node(head, {"CPU": 2.0}), node(gpu_a, {"CPU": 2.0})]) == {"num_cpus": 0}
+    # Ray accepts the selector as written
+    from ray._private.label_utils import validate_label_selector
+
+    assert validate_label_selector(io_task_options([node(head, {}), node(gpu_a, {})])["label_selector"]) is None
