@@ -130,6 +130,7 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
 
 # Remote checkpoints -------------------------------------------------------------------------------
 MODEL_FILE = "model.safetensors"
+RELEASE_CONFIG = "config.json"  # an official release's settings beside its weights (flextok.official)
 
 
 def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None, *, cache_dir: str | None = None,
@@ -138,7 +139,8 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
 
     Local paths come back unchanged (a folder stays a folder: the loaders pick its checkpoint). A
     remote `.safetensors` file is downloaded; a remote run folder gives its `model.safetensors` when
-    finished, else the newest `checkpoint_*/model.safetensors`. Downloads are cached under
+    finished, else the newest `checkpoint_*/model.safetensors`; a `config.json` beside the weights (an
+    official release's settings) comes along into the same folder. Downloads are cached under
     `cache_dir` (default `$XDG_CACHE_HOME/flextok/checkpoints`) by URL, size and ETag/mtime, and land
     under a temporary name first, so an interrupted download is never taken for a checkpoint. A lock
     file makes the processes of one node (every encoder actor) download it once, the others wait.
@@ -176,13 +178,21 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
         return target, fs.info(target)
 
     path, info = call_with_retries(locate, what=f"looking up {redact_url(url)}")
-    stamp = f"{protocol}://{path}|{info.get('size')}|{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
+    config_path = f"{posixpath.dirname(path)}/{RELEASE_CONFIG}"  # an official release's, beside its weights
+    config_info = call_with_retries(lambda: fs.info(config_path) if fs.exists(config_path) else None,
+                                    what=f"looking up {redact_url(url)}'s {RELEASE_CONFIG}")
+    stamp = "|".join(f"{protocol}://{p}|{i.get('size')}|{i.get('ETag') or i.get('LastModified') or i.get('mtime')}"
+                     for p, i in ((path, info), (config_path, config_info)) if i is not None)
     root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flextok", "checkpoints")
     local = os.path.join(root, hashlib.sha256(stamp.encode()).hexdigest()[:24], posixpath.basename(path))
     os.makedirs(os.path.dirname(local), exist_ok=True)
     with open(f"{local}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; released when the file closes
         tmp = f"{local}.part-{os.getpid()}"
+        local_config = os.path.join(os.path.dirname(local), RELEASE_CONFIG)
+        if config_info is not None and not os.path.isfile(local_config):  # before the weights: they mark done
+            call_with_retries(lambda: fs.get(config_path, tmp), what=f"downloading {redact_url(url)}'s {RELEASE_CONFIG}")
+            os.replace(tmp, local_config)
         for _ in range(2):
             if not os.path.isfile(local):
                 call_with_retries(lambda: fs.get(path, tmp), what=f"downloading {redact_url(url)}")

@@ -72,3 +72,33 @@ def test_an_actor_loads_a_model_url_and_tokenizes_as_the_local_file(s3_server, r
              "width": size, "height": size} for i, p in enumerate(pixels)]
     batch = pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
     assert remote(batch).column("tokens").to_pylist() == local(batch).column("tokens").to_pylist()
+
+
+def test_a_release_folder_on_s3_brings_its_config_json(s3_server, tmp_path):
+    """An official release is weights + config.json (settings no tensor shows): both are fetched, so
+    the model built from the cache is the one a local copy of the folder gives."""
+    import json
+
+    from flextok import FlexTok
+
+    golden = Path(__file__).resolve().parents[1] / "fixtures" / "official_golden" / "release"
+    config = json.loads((golden / "config.json").read_text())
+    config["vae"]["scaling_factor"] = 0.5  # not the default a release without config.json gets
+    local = tmp_path / "release"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps(config))
+    (local / "model.safetensors").symlink_to(golden / "model.safetensors")
+    bucket = s3_server.make_bucket("release")
+    fs = s3_server.filesystem()
+    for name in ("config.json", "model.safetensors"):
+        fs.put_file(str(local / name), f"{bucket}/flextok_tiny/{name}")
+    fetched = fetch_checkpoint(f"s3://{bucket}/flextok_tiny", s3_server.storage_options, cache_dir=str(tmp_path / "c"))
+    assert (Path(fetched).parent / "config.json").read_text() == (local / "config.json").read_text()
+    assert FlexTok.config_of(fetched) == FlexTok.config_of(local)
+    assert FlexTok.config_of(fetched).vae.scaling_factor == 0.5
+    # the config is part of what is cached: a changed one is a new download, not the old copy
+    config["vae"]["scaling_factor"] = 0.25
+    fs.pipe_file(f"{bucket}/flextok_tiny/config.json", json.dumps(config).encode())
+    again = fetch_checkpoint(f"s3://{bucket}/flextok_tiny/model.safetensors", s3_server.storage_options,
+                             cache_dir=str(tmp_path / "c"))
+    assert again != fetched and FlexTok.config_of(again).vae.scaling_factor == 0.25
