@@ -70,8 +70,9 @@ def add_val_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
 
 def add_init_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--init", default=None, metavar="CKPT",
-                   help=f"fine-tune: start from this {what} checkpoint (a file every worker can read: local or a "
-                   "shared filesystem); its config is the architecture, so architecture flags are refused")
+                   help=f"fine-tune: start from this {what} checkpoint: a file or a run or release folder, local or at "
+                   "any fsspec URL (s3://...: fetched once per node, checked by sha256); its config is the "
+                   "architecture, so architecture flags are refused")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -180,8 +180,8 @@ def _run(args: argparse.Namespace) -> int:
     if not store.exists(""):
         raise FileNotFoundError(f"--tokens {args.tokens} does not exist")
     data = inspect_tokens(store)
-    init_path, init_sha256 = resolve_init(args.init)
-    config = init_config(args, data, init_path) if init_path else generator_config(args, data)
+    init_path, init_local, init_sha256 = resolve_init(args.init, args.storage_options)
+    config = init_config(args, data, init_local) if init_path else generator_config(args, data)
     if data.num_rows < cfg.batch_size:
         raise ValueError(f"{args.tokens} holds {data.num_rows} token rows, fewer than --batch-size {cfg.batch_size}")
     md = data.metadata
@@ -195,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer_path=resolve_grid_tokenizer(args.tokenizer, md), grid_conditions=args.grid_conditions,
         grid_per_condition=args.grid_per_condition, grid_cfg=args.grid_cfg, grid_steps=args.grid_steps,
         class_names=class_names, init_path=init_path, init_sha256=init_sha256,
+        init_storage_options=dict(args.storage_options or {}),
         length_target=json.dumps(md["length_target"], sort_keys=True) if md.get("length_target") else None,
     )
 

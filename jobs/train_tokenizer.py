@@ -184,18 +184,19 @@ def _run(args: argparse.Namespace) -> int:
     from training.tasks import TokenizerTask
 
     cfg = train_config_from_args(args)
-    init_path, init_sha256 = resolve_init(args.init)
-    config = model_config(args, init_path)
+    init_path, init_local, init_sha256 = resolve_init(args.init, args.storage_options)
+    config = model_config(args, init_local)
     same_tokens: tuple[str, ...] = ()
     if args.freeze_encoder:
         if init_path is None:
             raise ValueError("--freeze-encoder keeps the tokens of --init CKPT; give --init")
         from flextok.checkpoint import same_tokens_shas
 
-        same_tokens = tuple(sorted(same_tokens_shas(init_path)))
+        same_tokens = tuple(sorted(same_tokens_shas(init_local)))
     task = TokenizerTask(config=config, preset=None if init_path else args.preset or DEFAULT_PRESET,
-                         grid_images=args.grid_images, grid_steps=args.grid_steps,
-                         init_path=init_path, init_sha256=init_sha256, same_tokens_as=same_tokens)
+                         grid_images=args.grid_images, grid_steps=args.grid_steps, init_path=init_path,
+                         init_sha256=init_sha256, init_storage_options=dict(args.storage_options or {}),
+                         same_tokens_as=same_tokens)
     data_options = effective_storage_options(args.data, args.storage_options)
     _check_output(args.data, args.output)
     plans = {}

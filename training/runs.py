@@ -140,14 +140,30 @@ def check_job_settings(store: OutputStore, settings: dict[str, Any]) -> None:
         )
 
 
-def resolve_init(path: str | None) -> tuple[str | None, str | None]:
-    """`--init` -> (absolute path, sha256), or (None, None); one clear error when it is missing."""
-    if path is None:
-        return None, None
+def resolve_init(spec: str | None, storage_options: Mapping[str, Any] | None = None,
+                 ) -> tuple[str | None, str | None, str | None]:
+    """`--init` -> (what the workers load, this node's file, sha256), or three Nones; one clear error
+    when it is missing. A local checkpoint is its absolute path for both. A URL (s3://..., any fsspec
+    URL of a file or a run or release folder) stays the URL for the workers, which fetch it once per
+    node into the checkpoint cache the tokenize actors use (`init_file`); this node reads its copy."""
+    if spec is None:
+        return None, None, None
     from flextok.checkpoint import file_sha256, resolve_weights_path
+    from pipelines.model import is_remote, local_checkpoint
 
-    weights = resolve_weights_path(Path(path).expanduser()).resolve()
-    return str(weights), file_sha256(weights)
+    if is_remote(spec):
+        local = local_checkpoint(spec, storage_options)
+        return spec, local, file_sha256(local)
+    weights = str(resolve_weights_path(Path(spec).expanduser()).resolve())
+    return weights, weights, file_sha256(weights)
+
+
+def init_file(init: str, sha256: str | None, storage_options: Mapping[str, Any] | None = None) -> str:
+    """On a worker: the local file of `--init` as `resolve_init` gave it (a URL is fetched once per node
+    and must have the sha256 the driver read)."""
+    from pipelines.model import local_checkpoint
+
+    return local_checkpoint(init, storage_options, sha256)
 
 
 def keeps_tokens_of(tokenizer: str | None, sha256: str) -> bool:

@@ -7,7 +7,8 @@ labels, or captions through a frozen text encoder cached per worker). Pure PyTor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,8 +56,9 @@ class TokenizerTask:
     name: str = "tokenizer"
     item_name: str = "images"
     find_unused_parameters: bool = False  # mask and null tokens enter the graph through torch.where
-    init_path: str | None = None  # fine-tuning: the weights to start from
+    init_path: str | None = None  # fine-tuning: the weights to start from (a path or a URL: `resolve_init`)
     init_sha256: str | None = None
+    init_storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     same_tokens_as: tuple[str, ...] = ()  # --freeze-encoder: the checkpoints whose tokens this run keeps
 
     def build_model(self, device):
@@ -64,7 +66,10 @@ class TokenizerTask:
 
         model = FlexTok.from_config(self.config, device)
         if self.init_path is not None:
-            init = FlexTok.from_pretrained(self.init_path, device=device)
+            from training.runs import init_file
+
+            init = FlexTok.from_pretrained(init_file(self.init_path, self.init_sha256, self.init_storage_options),
+                                           device=device)
             if init.config.decoder_depth < self.config.decoder_depth:  # --decoder-depth grows the decoder
                 model.load_with_fewer_decoder_blocks(init.state_dict())
             else:
@@ -170,8 +175,9 @@ class GeneratorTask:
     tokenizer_sha256: str | None
     tokenizer_path: str | None = None  # decodes grids; None = no grids
     class_names: tuple[str, ...] = ()  # names of the labels, recorded in the checkpoint for `flextok sample`
-    init_path: str | None = None  # fine-tuning: the weights to start from
+    init_path: str | None = None  # fine-tuning: the weights to start from (a path or a URL: `resolve_init`)
     init_sha256: str | None = None
+    init_storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     length_target: str | None = None  # JSON: the adaptive-length target of the training tokens, if any
     grid_conditions: int = 8
     grid_per_condition: int = 4
@@ -196,7 +202,10 @@ class GeneratorTask:
             model = Generator(self.config, text_encoder=encoder, tokenizer_id=self.tokenizer_id,
                               tokenizer_sha256=self.tokenizer_sha256)
         if self.init_path is not None:
-            model.load_state_dict(Generator.from_pretrained(self.init_path, device=device).state_dict(), strict=True)
+            from training.runs import init_file
+
+            init = init_file(self.init_path, self.init_sha256, self.init_storage_options)
+            model.load_state_dict(Generator.from_pretrained(init, device=device).state_dict(), strict=True)
         return model
 
     def blocks(self, model) -> list[nn.Module]:
