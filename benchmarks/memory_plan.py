@@ -35,7 +35,7 @@ def table(task, *, world_size: int, gpu_gb: float, reserve_gb: float) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_plan", description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--tokenizer", choices=sorted(TOKENIZER_PRESETS), help="a tokenizer preset (trains all weights)")
@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gb", type=float, default=80.0, help="memory per GPU in GB (default %(default)s)")
     p.add_argument("--reserve-gb", type=float, default=4.0,
                    help="kept free for the CUDA context, allocator and buffers (default %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.tokenizer:
         task, name = TokenizerTask(config=get_preset(args.tokenizer), preset=args.tokenizer), f"tokenizer {args.tokenizer}"
     else:
