@@ -9,6 +9,8 @@ Does not own: tokenizing them (`pipelines.tokenize`).
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import gzip
 import hashlib
 import io
@@ -16,9 +18,11 @@ import itertools
 import json
 import logging
 import os
+import signal
 import struct
 import tarfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,26 +73,84 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(
-    samples: Iterable[Sample], out: Path, prefix: str, *, samples_per_shard: int = 1000
+    samples: Iterable[Sample], out: Path, prefix: str, *, samples_per_shard: int = 1000,
+    files: Callable[[list[Path]], dict[str, bytes]] | None = None,
 ) -> list[Path]:
-    """Write samples as byte-identical-on-rerun tar shards (temporary name, then rename)."""
+    """Write samples as byte-identical-on-rerun tar shards `<prefix>-NNNNNN.tar` under `out`.
+
+    Every shard is written under a hidden temporary name first (readers skip hidden files); only when
+    the last one is complete are they renamed into place, together with `files(shards)` (name -> bytes,
+    e.g. dataset.json), and shards of `prefix` left from an earlier, larger run are removed, with
+    Ctrl-C held off for those few renames. So an interrupted run leaves no shard and no temporary file
+    behind, and a corpus already in `out` stays as it was; a re-run writes it all again.
+    """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+    _remove_dead_temporaries(out)
+    staged: list[tuple[Path, Path]] = []  # (temporary, final)
     it = iter(samples)
-    while chunk := list(itertools.islice(it, samples_per_shard)):
-        path = out / f"{prefix}-{len(paths):06d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in chunk:
-                _add_member(tar, f"{sample.key}.png", sample.png)
-                _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
-                _add_member(tar, f"{sample.key}.txt", sample.caption.encode())
-                _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode())
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    try:
+        while chunk := list(itertools.islice(it, samples_per_shard)):
+            path = out / f"{prefix}-{len(staged):06d}.tar"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            staged.append((tmp, path))
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in chunk:
+                    _add_member(tar, f"{sample.key}.png", sample.png)
+                    _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
+                    _add_member(tar, f"{sample.key}.txt", sample.caption.encode())
+                    _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode())
+        paths = [path for _, path in staged]
+        for name, data in (files(paths) if files else {}).items():
+            staged.append((out / f".{name}.tmp-{os.getpid()}", out / name))
+            staged[-1][0].write_bytes(data)
+        with _signals_held():
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            keep = {p.name for p in paths}
+            for old in out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+                if old.name not in keep:
+                    old.unlink()
+        return paths
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Temporary files of a writer that was killed (-9: no clean-up ran)."""
+    for tmp in out.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (then raise/terminate as they would have)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    before = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)
 
 
 def _png(img: Image.Image) -> bytes:
@@ -267,12 +329,16 @@ def build_corpus(
             counts[s.label] += 1
             yield s
 
-    shards = write_shards(counted(samples), out, f"{name}-{split}", samples_per_shard=samples_per_shard)
-    info = {
-        "name": name, "split": split, "image_size": size, "num_samples": sum(counts),
-        "num_shards": len(shards), "shards": [p.name for p in shards], "class_names": class_names,
-        "class_counts": counts, "source": source,
-        "members": {"png": "RGB/L image", "cls": "label", "txt": "caption", "json": "all metadata"},
-    }
-    (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    info: dict = {}
+
+    def describe(shards: list[Path]) -> dict[str, bytes]:
+        info.update({
+            "name": name, "split": split, "image_size": size, "num_samples": sum(counts),
+            "num_shards": len(shards), "shards": [p.name for p in shards], "class_names": class_names,
+            "class_counts": counts, "source": source,
+            "members": {"png": "RGB/L image", "cls": "label", "txt": "caption", "json": "all metadata"},
+        })
+        return {"dataset.json": (json.dumps(info, indent=2) + "\n").encode()}
+
+    write_shards(counted(samples), out, f"{name}-{split}", samples_per_shard=samples_per_shard, files=describe)
     return info
