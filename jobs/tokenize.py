@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the first K tokens of each image (1..model K; default all)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per encoder call")
     p.add_argument("--actors", type=positive_int, default=None, metavar="N",
-                   help="encoder actors the job wants (default: one per GPU up; on CPU half the cluster's CPUs). "
+                   help="encoder actors the job wants (default: one per GPU up; on CPU one per CPU). "
                    "On an autoscaling cluster with fewer GPUs up, the pool starts with what is up (at least "
                    "one actor, waiting for the first GPU node) and grows to N as the autoscaler adds nodes")
     p.add_argument("--gpus-per-actor", type=non_negative_float, default=None, metavar="F",
@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "if their CUDA is unavailable, never a silent CPU run), CPU otherwise; 'cpu' on GPU actors "
                    "tokenizes on CPU on purpose (e.g. fake-GPU test nodes)")
     p.add_argument("--cpus-per-actor", type=positive_float, default=None, metavar="F",
-                   help="CPUs reserved per encoder actor; its torch threads are this rounded up. Default: "
-                   "1 thread, reserving 1 CPU, or less on a multi-node CPU cluster so that losing a node "
+                   help="CPUs reserved per encoder actor; its torch threads are this rounded up (and without "
+                   "--actors, actors on half the CPUs). Default on CPU: one 1-thread actor per CPU, the pool "
+                   "reserving at most half the CPUs (the rest are decode task slots; the OS shares the cores "
+                   "between the stages that have work), less on a multi-node cluster so that losing a node "
                    "never leaves the decode tasks without a CPU")
     p.add_argument("--storage-options", type=json_arg, default=None, metavar="JSON",
                    help='fsspec storage options for s3:// etc., e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' '

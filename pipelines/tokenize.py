@@ -140,7 +140,7 @@ def plan_actors(
     cluster_cpus: float, cluster_gpus: float, *, largest_node_cpus: float | None = None,
     num_actors: int | None = None, cpus_per_actor: float | None = None, gpus_per_actor: float | None = None,
 ) -> ActorPlan:
-    """Size the encoder pool: one actor per GPU, or on CPU-only clusters half the CPUs.
+    """Size the encoder pool: one actor per GPU, or on CPU-only clusters one encoder thread per CPU.
 
     GPU pools describe what the job wants, not what is up now: `--actors N` with fewer GPUs up
     (an autoscaling cluster that starts with no GPU node) gives a pool that starts with the actors
@@ -148,10 +148,20 @@ def plan_actors(
     nodes join; the pending actors are the demand the Ray autoscaler launches nodes for. With all
     the GPUs there, or without `--actors`, the pool is fixed (one actor per GPU up).
 
-    Read/decode tasks must always find a CPU: a pool holding every CPU starves them and the job hangs.
-    Ray restarts the actors of a lost node elsewhere, so by default a CPU pool reserves at most what
-    the cluster keeps after losing its largest node, minus one CPU (an actor then reserves a fraction
-    of the CPU its thread uses). An explicit `cpus_per_actor` is reserved as given.
+    CPU pools: encoding and read/decode share the cores, in a ratio that depends on the corpus (a
+    28 px PNG decodes in a fraction of its encoding time, a 500x375 JPEG in a third of it) and
+    changes during a run (decoding of a small corpus ends long before encoding). So each stage
+    gets enough runnable threads to fill every core alone, and the OS shares the cores between
+    the stages that have work: one single-thread actor per CPU (separate processes scale better on
+    CPU than intra-op threads, which wait on each other at every op), while the pool reserves from
+    Ray's scheduler at most half the CPUs, leaving the other half as read/decode task slots. A stage
+    with nothing to do (decoding finished or back-pressured, or encoders waiting for input) sleeps
+    and the other takes its cores: no fixed split leaves a core idle.
+    Read/decode tasks must always find a CPU: a pool holding every CPU starves them and the job
+    hangs. Ray restarts the actors of a lost node elsewhere, so the pool also reserves at most what
+    the cluster keeps after losing its largest node, minus one CPU (down to nothing on 1-CPU nodes).
+    An explicit `cpus_per_actor` is reserved as given, for ceil(cpus_per_actor) threads per actor
+    and, unless `--actors` says otherwise, actors on half the CPUs.
     """
     threads = max(1, math.ceil(cpus_per_actor or 1.0))
     if gpus_per_actor or (cluster_gpus > 0 and gpus_per_actor != 0):
@@ -162,8 +172,10 @@ def plan_actors(
             return _fixed_plan(cluster_cpus, largest_node_cpus, wanted, cpus_per_actor, gpus, threads)
         # GPU nodes bring their own CPUs: the CPUs up now say nothing about them.
         return ActorPlan(wanted, round(cpus_per_actor or 1.0, 3), gpus, threads, min_actors=max(1, up))
-    actors = num_actors or max(1, int(cluster_cpus / 2 // threads))
-    return _fixed_plan(cluster_cpus, largest_node_cpus, actors, cpus_per_actor, 0.0, threads)
+    if num_actors is None:
+        share = 1 if cpus_per_actor is None else 2  # one thread per CPU; an explicit reservation: half the CPUs
+        num_actors = max(1, int(cluster_cpus / share // threads))
+    return _fixed_plan(cluster_cpus, largest_node_cpus, num_actors, cpus_per_actor, 0.0, threads)
 
 
 def _fixed_plan(cluster_cpus: float, largest_node_cpus: float | None, actors: int, cpus_per_actor: float | None,
@@ -173,13 +185,17 @@ def _fixed_plan(cluster_cpus: float, largest_node_cpus: float | None, actors: in
     else:
         multi_node = largest_node_cpus is not None and largest_node_cpus < cluster_cpus
         survivable = cluster_cpus - largest_node_cpus if multi_node else cluster_cpus
-        cpus = min(float(threads), max(0.1, (survivable - 1) / actors))
+        if gpus:  # a GPU actor's thread feeds its GPU: one CPU where the cluster has it
+            cpus = min(float(threads), max(0.1, (survivable - 1) / actors))
+        else:  # CPU encoders: half the CPUs at most, the other half are decode task slots
+            pool = max(0.0, min(cluster_cpus / 2, survivable - 1))
+            cpus = min(float(threads), math.floor(pool / actors * 1e4) / 1e4)  # Ray's resolution: 1e-4
     if actors * cpus > cluster_cpus - 1 + 1e-9:
         raise ValueError(
             f"--actors {actors} x {cpus:g} CPUs leaves no CPU for reading and decoding on a cluster of "
             f"{cluster_cpus:g} CPUs; use fewer actors or --cpus-per-actor below 1"
         )
-    return ActorPlan(actors, round(cpus, 3), gpus, threads)
+    return ActorPlan(actors, round(cpus, 4), gpus, threads)
 
 
 @dataclass

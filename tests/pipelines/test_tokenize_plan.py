@@ -14,23 +14,51 @@ from pipelines.tokenize import (
 
 
 def test_cpu_pool_always_leaves_cpu_for_decoding():
+    # 2 CPUs: two single-thread encoders (every core can encode), reserving one CPU between them
     plan = plan_actors(2, 0, largest_node_cpus=2)
-    assert (plan.num_actors, plan.cpus_per_actor, plan.num_threads) == (1, 1.0, 1)
+    assert (plan.num_actors, plan.cpus_per_actor, plan.num_threads) == (2, 0.5, 1)
     assert plan_actors(64, 0, cpus_per_actor=4).num_threads == 4
     with pytest.raises(ValueError, match="leaves no CPU"):
         plan_actors(2, 0, num_actors=2, cpus_per_actor=1)
     fractional = plan_actors(2, 0, num_actors=2, cpus_per_actor=0.5)
     assert fractional.num_actors == 2 and fractional.num_threads == 1
+    # one CPU: the actor reserves nothing (the decode task needs the whole logical CPU), the OS shares it
+    assert (plan_actors(1, 0).num_actors, plan_actors(1, 0).cpus_per_actor) == (1, 0.0)
+
+
+@given(cpus=st.integers(1, 256), nodes=st.integers(1, 16), actors=st.one_of(st.none(), st.integers(1, 512)))
+@settings(max_examples=200, deadline=None)
+def test_cpu_pool_encodes_on_every_core_and_keeps_decode_slots(cpus, nodes, actors):
+    """Whatever the cluster: one thread per CPU by default; the reservation leaves the decode tasks at
+    least one CPU, half the CPUs when nothing else binds, and one CPU on the nodes left after the
+    largest goes."""
+    total = cpus * nodes
+    try:
+        plan = plan_actors(total, 0, largest_node_cpus=cpus, num_actors=actors)
+    except ValueError:
+        assert actors is not None  # only an explicit pool can be refused
+        return
+    reserved = plan.num_actors * plan.cpus_per_actor
+    assert plan.num_threads == 1 and plan.gpus_per_actor == 0
+    if actors is None:
+        assert plan.num_actors == total
+    assert reserved <= total / 2 + 1e-9
+    assert total - reserved >= 1 - 1e-9
+    if nodes > 1:
+        assert (total - cpus) - reserved >= 1 - 1e-9 or plan.cpus_per_actor == 0
+    assert plan.cpus_per_actor <= 1
 
 
 def test_cpu_pool_survives_losing_the_largest_node():
-    # 2 nodes x 2 CPUs: 2 actors of one thread; if a node goes, Ray restarts its actor on the other
+    # 2 nodes x 2 CPUs: 4 actors of one thread; if a node goes, Ray restarts its actors on the other
     # node, and the pool must still leave that node a CPU for decoding.
     plan = plan_actors(4, 0, largest_node_cpus=2)
-    assert plan.num_actors == 2 and plan.num_threads == 1
+    assert (plan.num_actors, plan.num_threads, plan.cpus_per_actor) == (4, 1, 0.25)
     assert plan.num_actors * plan.cpus_per_actor <= 4 - 2 - 1
-    big = plan_actors(64, 0, largest_node_cpus=16)  # 4 nodes: losing one costs little
-    assert big.num_actors == 32 and big.cpus_per_actor == 1.0
+    big = plan_actors(64, 0, largest_node_cpus=16)  # 4 nodes: losing one costs little; half stays for decode
+    assert (big.num_actors, big.cpus_per_actor) == (64, 0.5)
+    ones = plan_actors(2, 0, largest_node_cpus=1)  # 2 nodes x 1 CPU: a node left alone keeps its CPU
+    assert (ones.num_actors, ones.cpus_per_actor) == (2, 0.0)
 
 
 def test_gpu_pool_is_one_actor_per_gpu():
