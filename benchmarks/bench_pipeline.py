@@ -1,33 +1,40 @@
-"""Tokenization pipeline throughput, side by side in one run, and a cluster-scale projection.
+"""Tokenization pipeline vs a plain loop on the same cores, on two kinds of corpus, in one run.
 
-Measures, on one corpus of real photos re-encoded as ImageNet-like JPEGs (WebDataset shards):
-  1. the Ray Data pipeline (`pipelines.tokenize.run_tokenize`: read+decode tasks, an encoder actor
-     pool, write tasks, finalize) against the same decode + encode + write done serially in one plain
-     process with the same model, batch size and torch threads; and the bare encoder looping over
-     tensors already in memory (the ceiling);
-  2. a per-image, batch-size-1 loop that writes one .npy per image (LlamaGen `extract_codes` style);
-  3. pipeline images/s against actor count and batch size;
-  4. FLOPs per image (counted by torch's FlopCounterMode on the `meta` device: no weights needed),
-     CPU decode cost per image, and a projection for ImageNet-1k and a 100 M-image corpus on N GPUs,
-     with the CPU cores per GPU that decoding needs to keep the encoder busy.
+Measures, side by side (issue 23):
+  1. two corpora of the same number of images, as WebDataset shards: small PNGs (Fashion-MNIST at
+     the model's image size, what `flextok corpus fashion-mnist` writes), where decoding costs a
+     few % of encoding, and 500x375 JPEGs re-encoded from real photos, where it costs about a third;
+  2. on each, the Ray Data pipeline (`pipelines.tokenize.run_tokenize`, its default pool sizing)
+     against a plain loop doing the same read, decode, encode and Parquet write in one process with
+     as many torch threads as the cores Ray is given; rounds interleaved;
+  3. the same pipeline on a 2-node local cluster (`ray.cluster_utils.Cluster`, the same cores split
+     between the nodes) against that plain loop;
+  4. what explains the ratios: decode cost per image on one core, the bare encoder on 1 and on all
+     threads over tensors already in memory;
+  5. FLOPs per image (torch's FlopCounterMode on the `meta` device) and a projection for ImageNet-1k
+     and a 100 M-image corpus on N GPUs, with the CPU cores per GPU that decoding needs;
+  6. with --extras: a per-image batch-1 loop writing one .npy per image (LlamaGen `extract_codes`
+     style) and a sweep of actor counts and batch sizes.
+Writes the tables as markdown (--out, default bench_pipeline.md in the work folder) and JSON beside
+it; every timed row records the load average before and after it (the machine may be shared).
 
-    python -m benchmarks.bench_pipeline                     # default: 6,000 images, tiny preset
-    python -m benchmarks.bench_pipeline --num-images 1000 --skip-sweep   # quick
+    python -m benchmarks.bench_pipeline --out BENCH.md     # 6,000 images per corpus (~6 min, 2 cores)
+    python -m benchmarks.bench_pipeline --smoke --out X.md # the whole script on tiny corpora (~1-2 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import logging
 import os
 import platform
 import random
 import shutil
-import statistics
 import tarfile
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +101,14 @@ def write_corpus(images: list[bytes], out: Path, per_shard: int) -> Path:
 
 
 # The contenders ----------------------------------------------------------------------------------
+def fashion_corpus(out: Path, num: int, size: int, per_shard: int) -> Path:
+    """The first `num` Fashion-MNIST training images at `size` px, as `flextok corpus` writes them."""
+    from pipelines.corpus import build_corpus
+
+    build_corpus("fashion-mnist", out, size=size, split="train", samples_per_shard=per_shard, limit=num)
+    return out
+
+
 def run_serial(corpus: Path, spec: str, batch_size: int, threads: int, out: Path) -> tuple[float, int]:
     """The same stages, one process, no overlap: read -> decode -> encode -> write, shard by shard."""
     import torch
@@ -105,6 +120,7 @@ def run_serial(corpus: Path, spec: str, batch_size: int, threads: int, out: Path
     from pipelines.writer import OutputStore, parquet_bytes, part_name
 
     torch.set_num_threads(threads)
+    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     stage = TokenizeBatch(spec, num_threads=threads)
     store = OutputStore(str(out))
@@ -165,8 +181,8 @@ def run_per_image(images: list[bytes], spec: str, threads: int, out: Path) -> fl
     return len(images) / (time.perf_counter() - start)
 
 
-def run_pipeline(corpus: Path, out: Path, spec: str, batch_size: int, actors: int,
-                 cpus_per_actor: float | None) -> dict:
+def run_pipeline(corpus: Path, out: Path, spec: str, batch_size: int, actors: int | None = None,
+                 cpus_per_actor: float | None = None) -> dict:
     from pipelines.tokenize import TokenizeConfig, run_tokenize
 
     shutil.rmtree(out, ignore_errors=True)
@@ -175,17 +191,28 @@ def run_pipeline(corpus: Path, out: Path, spec: str, batch_size: int, actors: in
     return run_tokenize(cfg).manifest["run"]
 
 
-def decode_cost(images: list[bytes], image_size: int) -> float:
-    """Seconds per image to decode, orient, convert, resize and crop on one core."""
-    from pipelines.decode import DecodeConfig, decode_image
+def decode_cost(corpus: Path, image_size: int, limit: int) -> float:
+    """Seconds per image of the decode stage on one core (Arrow batch of encoded images -> pixels at
+    the model's size: decode, orient, convert, resize, crop), over the first `limit` images."""
+    from pipelines.decode import decode_batch
+    from pipelines.sources import read_shard, resolve_inputs
 
-    cfg = DecodeConfig(image_size=image_size)
-    for data in images[:5]:
-        decode_image(data, cfg)
+    tables, rows = [], 0
+    for shard in resolve_inputs(str(corpus)).shards:
+        for table in read_shard(shard):
+            tables.append(table)
+            rows += table.num_rows
+        if rows >= limit:
+            break
+    decode_batch(tables[0].slice(0, 8), image_size=image_size)  # warm-up
     start = time.perf_counter()
-    for data in images:
-        decode_image(data, cfg)
-    return (time.perf_counter() - start) / len(images)
+    decoded = sum(int(pa.compute.sum(pa.compute.greater_equal(decode_batch(t, image_size=image_size)["index"], 0)).as_py() or 0)
+                  for t in tables)
+    return (time.perf_counter() - start) / max(1, decoded)
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
 # FLOPs and projection ----------------------------------------------------------------------------
@@ -197,6 +224,9 @@ def counted_flops(preset: str) -> tuple[float, float]:
     from flextok import FlexTok
 
     model = FlexTok.from_preset(preset, device="meta")
+    # Counted through the boolean-mask attention (the full T x T scores the analytic count assumes):
+    # the split path builds a CausalBias tensor subclass, which FlopCounterMode refuses in torch 2.13.
+    model.encoder.use_split_attention = False
     size = model.config.image_size
     x = torch.empty(1, 3, size, size, device="meta")
     with FlopCounterMode(display=False) as vae:
@@ -227,99 +257,236 @@ def projection_rows(decode_s_256: float) -> list[str]:
     return rows
 
 
-# Main --------------------------------------------------------------------------------------------
-def main() -> None:
+# Main ----
+class Report:
+    """The run's rows, printed as they come and written as markdown + JSON at the end."""
+
+    def __init__(self, header: str):
+        self.header = header
+        self.rows: list[dict] = []
+        self.sections: list[str] = []
+        print(header + "\n", flush=True)
+
+    def timed(self, corpus: str, contender: str, fn) -> dict | None:
+        """Run `fn() -> (seconds, images, extra dict)` and record it with the load around it."""
+        before = load_average()
+        try:
+            seconds, images, extra = fn()
+        except ValueError as e:  # a sizing this machine cannot run (e.g. 1 CPU): said, not fatal
+            print(f"{corpus} / {contender}: not run: {e}", flush=True)
+            return None
+        row = {"corpus": corpus, "contender": contender, "images": images, "seconds": round(seconds, 2),
+               "images_per_s": round(images / seconds, 2), "load": [round(before, 1), round(load_average(), 1)],
+               **extra}
+        self.rows.append(row)
+        print(f"{corpus} / {contender}: {row['images_per_s']:.1f} img/s ({seconds:.1f} s, {images} images; "
+              f"load {row['load'][0]} -> {row['load'][1]})", flush=True)
+        return row
+
+    def best(self, corpus: str, prefix: str) -> dict | None:
+        rows = [r for r in self.rows if r["corpus"] == corpus and r["contender"].startswith(prefix)]
+        return max(rows, key=lambda r: r["images_per_s"]) if rows else None
+
+    def comparison_table(self, corpora: list[str]) -> str:
+        lines = ["| corpus | contender | images | seconds | images/s | vs plain loop | first rows after | "
+                 "load avg (before → after) |", "|---|---|---|---|---|---|---|---|"]
+        for corpus in corpora:
+            plain = self.best(corpus, PLAIN)
+            for r in (r for r in self.rows if r["corpus"] == corpus):
+                ratio = f"{r['images_per_s'] / plain['images_per_s']:.2f}x" if plain else "n/a"
+                if r["contender"].startswith(PLAIN):
+                    ratio = "1.00x" if r is plain else ratio
+                first = f"{r['first_output_s']:.1f} s" if "first_output_s" in r else ""
+                lines.append(f"| {corpus} | {r['contender']} | {r['images']:,} | {r['seconds']:.1f} | "
+                             f"{r['images_per_s']:.1f} | {ratio} | {first} | {r['load'][0]} → {r['load'][1]} |")
+        return "\n".join(lines)
+
+    def ratios(self, corpora: list[str]) -> dict:
+        out = {}
+        for corpus in corpora:
+            plain = self.best(corpus, PLAIN)
+            out[corpus] = {name: round(best["images_per_s"] / plain["images_per_s"], 3)
+                           for name, prefix in (("pipeline", PIPELINE), ("previous_sizing", PREVIOUS),
+                                                ("cluster", CLUSTER))
+                           if plain and (best := self.best(corpus, prefix))}
+        return out
+
+
+PLAIN, PIPELINE, PREVIOUS, CLUSTER = "plain loop", "pipeline, default pool", "pipeline, previous sizing", "2-node cluster"
+
+
+def _pipeline_fn(corpus: Path, out: Path, spec: str, batch: int, actors=None, cpus_per_actor=None):
+    def fn():
+        run = run_pipeline(corpus, out, spec, batch, actors, cpus_per_actor)
+        pool = f"{run['actors']} x {run['cpus_per_actor']:g} CPU"
+        return run["pipeline_time_s"], run["samples_processed"], {"first_output_s": run["first_output_s"], "pool": pool}
+    return fn
+
+
+def _serial_fn(corpus: Path, out: Path, spec: str, batch: int, threads: int):
+    def fn():
+        secs, n = run_serial(corpus, spec, batch, threads, out)
+        return secs, n, {}
+    return fn
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress blocks and per-dataset INFO lines would bury the figures."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def start_cluster(cpus: int):
+    """A 2-node local cluster on this machine's cores (split between the nodes), this process its driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    head, worker = max(1, cpus // 2), max(1, cpus - cpus // 2)
+    store = 512 * 1024**2
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": head, "include_dashboard": False, "object_store_memory": store})
+    cluster.add_node(num_cpus=worker, object_store_memory=store)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    quiet_ray_data()
+    return cluster, (head, worker)
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="preset or checkpoint (default: tiny, random weights)")
-    p.add_argument("--num-images", type=int, default=6000)
-    p.add_argument("--per-shard", type=int, default=250)
+    p.add_argument("--num-images", type=int, default=6000, help="images per corpus")
+    p.add_argument("--per-shard", type=int, default=1000, help="images per WebDataset shard (flextok corpus's default)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads, serial and per actor")
-    p.add_argument("--repeats", type=int, default=2, help="serial/pipeline pairs, interleaved")
-    p.add_argument("--per-image", type=int, default=600, help="images for the batch-1 loop")
-    p.add_argument("--sweep-images", type=int, default=2000)
-    p.add_argument("--skip-sweep", action="store_true")
-    p.add_argument("--workdir", type=Path, default=None)
-    args = p.parse_args()
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 2,
+                   help="cores for every contender: Ray's CPUs (split between the cluster's nodes) and the "
+                   "plain loop's torch threads (default: all)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every contender, interleaved")
+    p.add_argument("--bare-images", type=int, default=1000, help="images for each bare-encoder measurement")
+    p.add_argument("--extras", action="store_true", help="also the batch-1 loop and the actors x batch sweep")
+    p.add_argument("--per-image", type=int, default=600, help="images for the batch-1 loop (--extras)")
+    p.add_argument("--sweep-images", type=int, default=2000, help="images for the sweep (--extras)")
+    p.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temporary folder)")
+    p.add_argument("--out", type=Path, default=None, help="markdown results (JSON beside it, .json)")
+    p.add_argument("--smoke", action="store_true", help="every section on tiny corpora: checks the script, measures nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_images, args.per_shard, args.batch_size, args.bare_images = 96, 32, 32, 64
+        args.per_image, args.sweep_images, args.extras, args.repeats = 8, 64, True, 1
+    if min(args.num_images, args.per_shard, args.batch_size, args.cpus, args.repeats) < 1:
+        p.error("--num-images, --per-shard, --batch-size, --cpus and --repeats must be >= 1")
 
     import ray
     import torch
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
-    images = imagenet_like_jpegs(args.num_images)
-    corpus = write_corpus(images, work / "corpus", args.per_shard)
-    sweep_corpus = write_corpus(images[: args.sweep_images], work / "sweep_corpus", args.per_shard)
-    cpus = os.cpu_count() or 2
-    # Ray starts its workers at nice 15, while the serial contender runs at this process's priority:
-    # on a shared machine that alone would skew the comparison, so both run at the same niceness.
-    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     from pipelines.model import inspect_model
 
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    out_md = args.out or work / "bench_pipeline.md"
     info = inspect_model(args.model)
     S = info.image_size
-    print(f"# bench_pipeline {date.today()}: {platform.processor() or platform.machine()}, {cpus} CPUs, "
-          f"torch {torch.__version__}, model {info.checkpoint_id} ({S}px, K={info.num_registers}), "
-          f"{args.num_images} JPEGs 500x375 in shards of {args.per_shard}, batch {args.batch_size}, "
-          f"{args.threads} torch thread(s)\n")
+    jpegs = imagenet_like_jpegs(args.num_images)
+    corpora = {
+        f"small PNGs (Fashion-MNIST {S} px)": fashion_corpus(work / "png_corpus", args.num_images, S, args.per_shard),
+        "large JPEGs (500x375, q90)": write_corpus(jpegs, work / "jpeg_corpus", args.per_shard),
+    }
+    names = list(corpora)
+    cpus = args.cpus
+    # Ray starts its workers at nice 15, while the plain loop runs at this process's priority: on a
+    # shared machine that alone would skew the comparison, so both run at the same niceness.
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+    os.environ.pop("RAY_ADDRESS", None)  # this script starts its own Ray instances, never joins another
+    report = Report(
+        f"# bench_pipeline {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({cpus} used), torch "
+        f"{torch.__version__}, model {info.checkpoint_id} ({S}px, K={info.num_registers}), {args.num_images:,} "
+        f"images per corpus in shards of {args.per_shard}, batch {args.batch_size}; load average at start "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
-    serial, pipeline, steady = [], [], []
-    for r in range(args.repeats):
-        secs, n = run_serial(corpus, args.model, args.batch_size, args.threads, work / f"serial{r}")
-        serial.append(n / secs)
-        run = run_pipeline(corpus, work / f"pipe{r}", args.model, args.batch_size, 1, None)
-        pipeline.append(run["images_per_s"])
-        steady.append(run["samples_processed"] / (run["pipeline_time_s"] - run["first_output_s"]))
-        print(f"round {r}: serial {serial[-1]:.1f} img/s ({secs:.1f} s), pipeline {pipeline[-1]:.1f} img/s "
-              f"({run['pipeline_time_s']:.1f} s, first rows written after {run['first_output_s']:.1f} s; "
-              f"{steady[-1]:.1f} img/s after that)", flush=True)
-    bare = run_bare_encoder(args.model, args.batch_size, args.threads, min(args.num_images, 2000))
-    per_image = run_per_image(images[: args.per_image], args.model, args.threads, work / "npy")
-    best_serial, best_pipe = max(serial), max(pipeline)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    quiet_ray_data()
+    try:
+        for _ in range(args.repeats):
+            for name, corpus in corpora.items():
+                report.timed(name, f"{PLAIN}, 1 process, {cpus} torch threads",
+                             _serial_fn(corpus, work / "plain", args.model, args.batch_size, cpus))
+                row = report.timed(name, PIPELINE, _pipeline_fn(corpus, work / "pipe", args.model, args.batch_size))
+                if row:
+                    row["contender"] = f"{PIPELINE} ({row['pool']} reserved, 1 thread each)"
+                row = report.timed(name, PREVIOUS, _pipeline_fn(corpus, work / "pipe", args.model, args.batch_size,
+                                                                max(1, cpus // 2), 1.0))
+                if row:
+                    row["contender"] = f"{PREVIOUS} ({row['pool']} reserved, 1 thread each)"
+        decode_ms = {name: decode_cost(corpus, S, min(args.num_images, 500)) * 1e3 for name, corpus in corpora.items()}
+        bare = {t: run_bare_encoder(args.model, args.batch_size, t, args.bare_images) for t in sorted({1, cpus})}
+        if args.extras:
+            report.sections.append(extras(args, jpegs, corpora[names[1]], work, cpus))
+    finally:
+        ray.shutdown()
 
-    print("\n| contender | images/s (best of runs) | vs serial | vs bare encoder |")
-    print("|---|---|---|---|")
-    print(f"| bare encoder, uint8 batches in memory ({args.threads} thread) | {bare:.1f} | {bare / best_serial:.2f}x | 1.00x |")
-    print(f"| serial: read, decode, encode, write in one process ({args.threads} thread) | {best_serial:.1f} | 1.00x | {best_serial / bare:.2f}x |")
-    print(f"| Ray Data pipeline, 1 actor x {args.threads} thread, end to end | {best_pipe:.1f} | {best_pipe / best_serial:.2f}x | {best_pipe / bare:.2f}x |")
-    best_steady = max(steady)
-    print(f"| the same after its first rows are written (actor start-up excluded) | {best_steady:.1f} | "
-          f"{best_steady / best_serial:.2f}x | {best_steady / bare:.2f}x |")
-    print(f"| per image, batch 1, one .npy each (LlamaGen extract_codes style) | {per_image:.1f} | {per_image / best_serial:.2f}x | {per_image / bare:.2f}x |")
-    print(f"\npipeline vs per-image loop: {best_pipe / per_image:.1f}x; all runs serial {[round(x, 1) for x in serial]}, "
-          f"pipeline {[round(x, 1) for x in pipeline]}")
+    cluster, split = start_cluster(cpus)
+    try:
+        for _ in range(args.repeats):
+            for name, corpus in corpora.items():
+                row = report.timed(name, CLUSTER, _pipeline_fn(corpus, work / "cluster", args.model, args.batch_size))
+                if row:
+                    row["contender"] = f"{CLUSTER} ({split[0]} + {split[1]} CPUs), default pool ({row['pool']} reserved)"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
-    if not args.skip_sweep:
-        print(f"\nSweep on {args.sweep_images} images (pipeline images/s, end to end incl. actor start):\n")
-        print("| actors x CPU reserved | batch 16 | batch 64 | batch 256 |")
-        print("|---|---|---|---|")
-        for actors, cpa in ((1, None), (2, 0.5)):
-            cells = []
-            for batch in (16, 64, 256):
-                run = run_pipeline(sweep_corpus, work / "sweep", args.model, batch, actors, cpa)
-                cells.append(f"{run['images_per_s']:.1f}")
-            print(f"| {actors} x {run['cpus_per_actor']:g} | " + " | ".join(cells) + " |", flush=True)
-
-    dec_model = decode_cost(images[:300], S)
-    dec_256 = decode_cost(images[:300], PAPER_IMAGE_SIZE)
-    vae_tiny, enc_tiny = counted_flops("tiny") if args.model == "tiny" else (0.0, float("nan"))
-    print(f"\nDecode cost per image on one core (500x375 JPEG q90 -> orient, RGB, crop, resize): "
-          f"{dec_model * 1e3:.2f} ms to {S}px, {dec_256 * 1e3:.2f} ms to {PAPER_IMAGE_SIZE}px")
+    why = ["Decode stage on one core: " + ", ".join(f"{decode_ms[n]:.2f} ms/image for {n}" for n in names),
+           "Bare encoder over uint8 batches in memory: " + ", ".join(f"{v:.1f} img/s on {t} thread(s)" for t, v in bare.items())]
     if args.model == "tiny":
-        print(f"tiny encoder: {enc_tiny / 1e9:.3f} GFLOP/image counted; bare loop {bare:.0f} img/s = "
-              f"{bare * enc_tiny / 1e9:.0f} GFLOP/s on {args.threads} thread(s)")
-    print(f"\nProjection at {PAPER_IMAGE_SIZE}px (FLOPs counted on the meta device; assumed MFU {ASSUMED_MFU:.0%} of "
-          f"dense bf16 peak; decode at the measured {dec_256 * 1e3:.2f} ms/image/core):\n")
-    print("| preset | GFLOP/image (VAE enc + encoder) | GPU | images/s/GPU | CPU cores/GPU for decode | "
-          "hours ImageNet-1k / 100M on 1 GPU | on 8 GPUs | on 64 GPUs |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in projection_rows(dec_256):
-        print(row)
-    print(f"\nmedian serial {statistics.median(serial):.1f}, median pipeline {statistics.median(pipeline):.1f} img/s; "
-          f"workdir {work}")
-    ray.shutdown()
-    if args.workdir is None:
+        _, enc_tiny = counted_flops("tiny")
+        why.append(f"tiny encoder: {enc_tiny / 1e9:.3f} GFLOP/image counted")
+    dec_256 = decode_cost(corpora[names[1]], PAPER_IMAGE_SIZE, min(args.num_images, 300))
+    projection = "\n".join([
+        f"Projection at {PAPER_IMAGE_SIZE}px (FLOPs counted on the meta device; assumed MFU {ASSUMED_MFU:.0%} of "
+        f"dense bf16 peak; JPEG decode at the measured {dec_256 * 1e3:.2f} ms/image/core):\n",
+        "| preset | GFLOP/image (VAE enc + encoder) | GPU | images/s/GPU | CPU cores/GPU for decode | "
+        "hours ImageNet-1k / 100M on 1 GPU | on 8 GPUs | on 64 GPUs |",
+        "|---|---|---|---|---|---|---|---|", *projection_rows(dec_256)])
+    ratios = report.ratios(names)
+    summary = "; ".join(f"{n}: pipeline {v.get('pipeline', float('nan')):.2f}x, 2-node cluster "
+                        f"{v.get('cluster', float('nan')):.2f}x the plain loop" for n, v in ratios.items())
+    text = "\n\n".join([report.header, report.comparison_table(names), summary, "\n".join(f"- {w}" for w in why),
+                        *report.sections, projection]) + "\n"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(text)
+    result = {"header": report.header, "cpus": cpus, "cluster_cpus": list(split), "rows": report.rows,
+              "ratios": ratios, "decode_ms": decode_ms, "bare_encoder": {str(k): v for k, v in bare.items()},
+              "smoke": args.smoke}
+    out_md.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + text + f"\nwritten: {out_md} (+ .json)")
+    if args.workdir is None and args.out is not None:
         shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def extras(args, jpegs: list[bytes], jpeg_corpus: Path, work: Path, cpus: int) -> str:
+    """The batch-1 loop and the actors x batch sweep (on the JPEG corpus, as in earlier runs)."""
+    per_image = run_per_image(jpegs[: args.per_image], args.model, cpus, work / "npy")
+    sweep_corpus = write_corpus(jpegs[: args.sweep_images], work / "sweep_corpus", args.per_shard)
+    batches = (args.batch_size,) if args.smoke else (16, 64, 256)
+    lines = [f"Per image, batch 1, one .npy each (LlamaGen extract_codes style, {cpus} threads): {per_image:.1f} img/s",
+             f"\nSweep on {args.sweep_images} JPEGs (pipeline images/s, end to end incl. actor start):\n",
+             "| actors x CPU reserved | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    for actors, cpa in ((None, None), (max(1, cpus // 2), 1.0)):
+        cells, pool = [], ""
+        for batch in batches:
+            try:
+                run = run_pipeline(sweep_corpus, work / "sweep", args.model, batch, actors, cpa)
+            except ValueError:
+                cells.append("n/a")
+                continue
+            cells.append(f"{run['images_per_s']:.1f}")
+            pool = f"{run['actors']} x {run['cpus_per_actor']:g}"
+        lines.append(f"| {pool or 'n/a'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
