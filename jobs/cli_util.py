@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,10 @@ from pipelines.ray_logging import DropWarnings, add_filter
 # Library log lines that say nothing is wrong: (logger, message prefixes). Matplotlib announces that
 # it builds its font cache (once, on a fresh install, when that takes over 5 s).
 HARMLESS_LOG_LINES = (("matplotlib.font_manager", ("Matplotlib is building the font cache",)),)
+
+# Ray Data appends this advice to the message of any error raised in a stage (Ray 2.60:
+# ray.data._internal.util._annotate_exception_with_retry_context); the cause is what comes before it.
+RAY_DATA_RETRY_NOTE = re.compile(r"\s*Failed to [^\n]* after \d+/\d+ attempts \(total backoff [\d.]+s\)\..*\Z", re.S)
 
 # Errors a user can act on: printed as one line on stderr, exit status 2.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError)
@@ -52,11 +57,13 @@ def run_cli(
 
 def root_cause(e: BaseException) -> BaseException:
     """The user's or the environment's exception inside Ray's wrappers (a task error carries the
-    original as `.cause`; Ray Data chains it as `__cause__`), else `e` itself."""
+    original as `.cause`; Ray Data chains it as `__cause__`; Ray Train's worker-group error holds each
+    worker's as `worker_failures`, the lowest rank's is taken), else `e` itself."""
     seen: set[int] = set()
     while type(e).__module__.startswith("ray.") and id(e) not in seen:
         seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
+        failures = getattr(e, "worker_failures", None) or {}
+        inner = getattr(e, "cause", None) or e.__cause__ or (failures[min(failures)] if failures else None)
         if inner is None:
             break
         e = inner
@@ -72,6 +79,7 @@ def one_line(e: BaseException) -> str:
         text = f"{e.strerror}: {e.filename}"
     else:
         text = str(e) if isinstance(e, USER_ERRORS + (OSError,)) else f"{type(e).__name__}: {e}"
+    text = RAY_DATA_RETRY_NOTE.sub("", text)
     return redact_text(" ".join(text.split())) or type(e).__name__
 
 

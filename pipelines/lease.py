@@ -1,8 +1,10 @@
 """One writer per token dataset: a lease object `DST/_state/lease.json` that works on local disks
 and object stores.
 
-Owns: taking the lease (an atomic create: `O_EXCL` locally, a conditional PUT `If-None-Match: *` on
-S3), keeping it fresh from a heartbeat thread, taking over a lease whose holder is gone (a process of
+Owns: taking the lease (an atomic create, `OutputStore.create`: a hard link locally, a conditional
+PUT `If-None-Match: *` on S3 and Azure, `ifGenerationMatch=0` on GCS; other fsspec stores such as
+HTTP or FTP offer no conditional write, so there it is check-then-write and two writers starting in
+the same instant could both take it), keeping it fresh from a heartbeat thread, taking over a lease whose holder is gone (a process of
 this host that no longer exists, or a heartbeat older than `ttl_s` from anywhere), and giving it back.
 A second `flextok tokenize` on the same output is refused with one line naming the holder. Does not
 own: what the holder writes (`pipelines.writer`).

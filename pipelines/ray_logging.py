@@ -16,6 +16,8 @@ Owns the console side of the Ray a job starts or joins (`quiet_ray`, called by `
   it turned token authentication on for a new local cluster (its opposite, "token authentication is
   disabled", stays); the deprecation warning Ray Train's own DatasetManager triggers inside Ray Data
   (`ExecutionOptions.exclude_resources`), which no user code can act on.
+- Ray Data's report of a stage that raised an OSError (disk full or read-only, storage out of reach),
+  with its traceback: the job's error line says it (`HarmlessRayDataFilter`).
 - Ray Train's controller logs a full traceback with "Failed to send resource request ... safe to
   ignore if transient" when a busy machine delays its autoscaling coordinator: the line stays, the
   traceback goes (`TRACEBACK_FREE_WARNINGS`).
@@ -53,6 +55,8 @@ HARMLESS_RAY_DATA_WARNINGS: tuple[str, ...] = (
     "Progress bars for operators disabled.",  # likewise: one bar per dataset
     "Truncating long operator name",  # a name shortened to fit a progress bar
 )
+# Ray Data's error line when a stage raised: "... Dataset execution will now abort" (Ray 2.60 wording).
+RAY_DATA_ABORT = "An exception was raised from a task of operator"
 # Ray's note that it chose the secure default for a new local cluster.
 HARMLESS_AUTH_WARNINGS: tuple[str, ...] = ("Token authentication is enabled for this Ray cluster.",)
 # Python warnings raised inside Ray by Ray itself.
@@ -83,9 +87,24 @@ class DropWarnings(logging.Filter):
 
 
 class HarmlessRayDataFilter(DropWarnings):
-    """Ray Data's console handler (named in ray_data_logging.yaml)."""
+    """Ray Data's console handler (named in ray_data_logging.yaml). Also drops Ray Data's report of a
+    stage that raised an OSError (a full or read-only disk, storage out of reach), traceback and all:
+    the job's own error line names the cause and the path (`jobs.cli_util.run_cli`)."""
 
     prefixes = HARMLESS_RAY_DATA_WARNINGS
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith(RAY_DATA_ABORT) and _has_os_error(record.exc_info[1]):
+            return False
+        return super().filter(record)
+
+
+def _has_os_error(error: BaseException | None) -> bool:
+    for _ in range(8):  # Ray's task errors carry the original as `.cause`
+        if error is None or isinstance(error, OSError):
+            return error is not None
+        error = getattr(error, "cause", None) or error.__cause__
+    return False
 
 
 class HarmlessAuthFilter(DropWarnings):

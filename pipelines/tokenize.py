@@ -586,6 +586,9 @@ def _execute(
     if actors.gpus_per_actor and resources.get("GPU", 0.0) + 1e-9 < actors.num_actors * actors.gpus_per_actor:
         threading.Thread(target=_report_gpu_nodes, args=(actors, stop_watch), daemon=True).start()
     io_options = io_task_options(nodes)
+    # An OSError in a stage (a full or read-only output) reaches the CLI as itself, its one line; Ray
+    # Data's default UserCodeException wrapper loses it on the way to the driver.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = build_dataset(cfg, pending, skip, spec, info, max_tokens, actors, opts_in, opts_out, encoder_cls,
                        io_options)
     by_id = {s.id: s for s in pending}

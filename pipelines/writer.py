@@ -74,6 +74,37 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _local_temporary(path: str, data: bytes) -> str:
+    """`data` in a new temporary file beside `path` (to be renamed or linked there). A write that fails
+    (disk full) leaves no temporary behind and names `path`, which write() errors do not."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if e.filename is None and e.strerror:
+            raise OutputWriteError(f"{e.strerror}: {path}") from e
+        raise
+    return tmp
+
+
+def _already_exists(error: BaseException) -> bool:
+    """A conditional create refused because the object exists, as a store's client reports it: GCS's
+    412 Precondition Failed (gcsfs HttpError.code), Azure's 409 ResourceExistsError (adlfs)."""
+    if type(error).__name__ == "ResourceExistsError":
+        return True
+    return any(getattr(error, name, None) == 412 for name in ("code", "status_code", "status"))
+
+
+class OutputWriteError(OSError):
+    """A file that could not be written (disk full), as one line with the cause and the path. The
+    message is its only argument: Ray Data rewrites an OSError's (errno, strerror) arguments on the
+    way to the driver and the file name is lost."""
+
+
 class OutputStore:
     """DST on any fsspec filesystem, with atomic whole-file writes. Every call is retried through
     transient storage faults (`pipelines.retry`); all of them are idempotent (whole-file PUTs)."""
@@ -95,11 +126,7 @@ class OutputStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            os.replace(_local_temporary(path, data), path)
         else:  # one PUT: the object appears whole or not at all
             self._retried(f"writing {rel}", self.fs.pipe_file, path, data)
 
@@ -108,22 +135,27 @@ class OutputStore:
         path = self.path(rel)
         try:
             if self.is_local:  # whole content under a temporary name, then a link that fails if taken
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-                with open(tmp, "wb") as f:
-                    f.write(data)
+                tmp = _local_temporary(path, data)
                 try:
                     os.link(tmp, path)
                 finally:
                     os.unlink(tmp)
                 return True
-            protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-            if "s3" in protocols:
-                self.fs.pipe_file(path, data, mode="create")  # a conditional PUT (If-None-Match: *)
+            protocols = set(self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+            if protocols & {"s3", "s3a", "gs", "gcs"}:
+                # s3fs: a conditional PUT (If-None-Match: *); gcsfs: an upload with ifGenerationMatch=0
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            if protocols & {"abfs", "abfss", "az"}:
+                self.fs.pipe_file(path, data, overwrite=False)  # adlfs: upload_blob(overwrite=False), If-None-Match: *
                 return True
         except FileExistsError:
             return False
-        if self.fs.exists(path):  # other stores: check then write, not atomic
+        except Exception as e:
+            if _already_exists(e):
+                return False
+            raise
+        if self.fs.exists(path):  # other stores (HTTP, FTP, ...): check then write, not atomic
             return False
         self.fs.pipe_file(path, data)
         return True

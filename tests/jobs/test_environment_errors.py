@@ -97,3 +97,79 @@ def test_full_disk_inside_a_ray_task_is_its_cause_in_one_line(ray_local, capsys)
     code = run_cli("flextok x", body, argparse.ArgumentParser(), [])
     line = _one_line(capsys.readouterr().err)
     assert code == 1 and line == "flextok x: error: No space left on device: /data/tokens/part-1.parquet"
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_and_a_real_read_only_output(tmp_path, subprocess_env):
+    """Outputs on a size-limited tmpfs and a read-only bind mount of a private mount namespace, with a
+    local Ray started inside it (its workers write the token parts): each failure is one line with the
+    cause and the path, exit 1; a full disk leaves no manifest (nothing claims to be complete), and the
+    same command after space is freed completes with every sample exactly once."""
+    import json
+
+    import pyarrow.parquet as pq
+    from private_mount import namespace_problem, run_in_namespace, userns_expected
+
+    from pipelines.corpus import build_corpus
+
+    problem = namespace_problem(tmp_path / "probe")
+    if problem is not None:
+        if userns_expected():  # the kernel allows user namespaces: not being able to mount is a failure
+            pytest.fail(f"user namespaces are enabled here, yet no private mount: {problem}")
+        pytest.skip(f"no private mount namespace for an unprivileged user on this kernel: {problem}")
+    data, full, ro, result = (tmp_path / n for n in ("data", "full", "ro", "result"))
+    for folder in (full, ro, result):
+        folder.mkdir()
+    build_corpus("fashion-mnist", data, limit=64, samples_per_shard=16)
+    env = {k: v for k, v in subprocess_env().items() if k != "RAY_ADDRESS"}
+    proc = run_in_namespace(sys.executable, full, ro, "1m", [str(full), str(ro), str(data), str(result)], env, 600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((result / "result.json").read_text())
+
+    def error_line(run: dict, prog: str) -> str:
+        lines = run["err"].strip().splitlines()
+        assert run["code"] == 1 and "Traceback" not in run["err"] and len(lines) <= 2, run["err"][-3000:]
+        assert lines[-1].startswith(f"flextok {prog}: error: "), lines
+        return lines[-1]
+
+    assert f"Read-only file system: {ro}/tokens" in error_line(runs["tokenize_ro"], "tokenize")
+    assert f"Read-only file system: {ro}/run" in error_line(runs["train_ro"], "train-tokenizer")
+    assert f"No space left on device: {full}/tokens/" in error_line(runs["tokenize_full"], "tokenize")
+    assert not runs["tokenize_full"]["manifest"]
+    assert runs["tokenize_rerun"]["code"] == 0, runs["tokenize_rerun"]["err"][-3000:]
+    keys = pq.read_table(sorted((result / "tokens").glob("part-*.parquet")), columns=["key"])["key"].to_pylist()
+    assert len(keys) == len(set(keys)) == 64  # every sample once: nothing lost, nothing twice
+    manifest = json.loads((result / "tokens" / "_manifest.json").read_text())
+    assert manifest["counts"]["rows"] == 64 and manifest["counts"]["errors"] == 0
+
+
+def test_ray_datas_retry_note_is_cut_from_a_stage_error_that_crossed_to_the_driver():
+    """Ray Data appends its retry advice to the arguments of an error raised in a stage, and the error
+    is pickled to the driver: the one line is still the cause and the path."""
+    import pickle
+
+    from ray.data._internal.util import _annotate_exception_with_retry_context
+
+    from jobs.cli_util import one_line
+    from pipelines.writer import OutputWriteError
+
+    error = _annotate_exception_with_retry_context(
+        OutputWriteError("No space left on device: /data/tokens/part-1.parquet"), description="apply UDF transform",
+        attempts=1, max_attempts=1, total_backoff_s=0.0, exception_str="")
+    assert "retried_map_errors" in str(error)  # Ray's note is there (the format this test pins)
+    assert one_line(pickle.loads(pickle.dumps(error))) == "No space left on device: /data/tokens/part-1.parquet"
+
+
+def test_a_training_workers_full_disk_is_its_cause_in_one_line(capsys):
+    """Ray Train ends a run whose workers failed with a WorkerGroupError holding each rank's error."""
+    import argparse
+
+    from ray.train import WorkerGroupError
+
+    def body(_args):
+        raise WorkerGroupError("rank 0: ...", {
+            1: OSError(errno.ENOSPC, "No space left on device", "/runs/tok/checkpoint_00000002/b"),
+            0: OSError(errno.ENOSPC, "No space left on device", "/runs/tok/checkpoint_00000002/a")})
+
+    assert run_cli("flextok x", body, argparse.ArgumentParser(), []) == 1
+    assert _one_line(capsys.readouterr().err) == "flextok x: error: No space left on device: /runs/tok/checkpoint_00000002/a"

@@ -74,3 +74,52 @@ def test_lease_on_s3_is_exclusive(s3_server):
         with pytest.raises(LeaseHeldError):
             Lease(OutputStore(f"s3://{bucket}/dst", s3_server.storage_options)).acquire()
     assert not store.exists(LEASE_FILE)
+
+
+class _ConditionalStore:
+    """An in-memory object store speaking the conditional-write dialects of gcsfs (pipe_file(mode="create")
+    sends ifGenerationMatch=0; GCS answers an existing object with 412) and adlfs (pipe_file(overwrite=False)
+    is If-None-Match: *; Azure answers 409 ResourceExistsError). gcsfs and adlfs are not installed here, and
+    no GCS or Azure emulator runs offline: this checks that create() asks for the condition and reads the
+    refusal, never that it checks first (exists() fails the test)."""
+
+    from fsspec.spec import AbstractFileSystem as _Base
+
+    class GCS(_Base):
+        protocol = ("gs", "gcs")
+        cachable = False
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.objects: dict[str, bytes] = {}
+
+        def exists(self, path, **kwargs):
+            raise AssertionError("check-then-write: create() must ask the store for a conditional write")
+
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            if mode == "create" and path in self.objects:
+                error = OSError("conditionNotMet")
+                error.code = 412  # gcsfs.retry.HttpError carries the HTTP status as .code
+                raise error
+            self.objects[path] = value
+
+    class Azure(GCS):
+        protocol = ("abfs", "az")
+
+        def pipe_file(self, path, value, overwrite=True, **kwargs):
+            if not overwrite and path in self.objects:
+                raise type("ResourceExistsError", (Exception,), {})("BlobAlreadyExists")
+            self.objects[path] = value
+
+
+@pytest.mark.parametrize("url, fs_class", [("gs://bucket/dst", _ConditionalStore.GCS),
+                                           ("abfs://container/dst", _ConditionalStore.Azure)])
+def test_lease_on_gcs_and_azure_is_a_conditional_write(url, fs_class, monkeypatch):
+    from fsspec.registry import _registry  # the mutable registry behind fsspec.registry
+
+    for name in fs_class.protocol:
+        monkeypatch.setitem(_registry, name, fs_class)
+    store = OutputStore(url)
+    assert store.create("_state/lease.json", b"first") is True
+    assert store.create("_state/lease.json", b"second") is False
+    assert store.fs.objects[store.path("_state/lease.json")] == b"first"

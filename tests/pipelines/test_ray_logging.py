@@ -148,3 +148,20 @@ def test_progress_is_one_live_bar_on_a_terminal_and_left_to_the_log_file_otherwi
     finally:
         for f, v in before.items():
             setattr(ctx, f, v)
+
+
+def test_ray_datas_abort_report_of_an_os_error_is_left_to_the_jobs_one_line():
+    """A stage that raised an OSError (full disk): Ray Data's error record with its traceback is dropped
+    (the job says it in one line); any other error keeps its record, traceback and all."""
+    from ray.exceptions import RayTaskError
+
+    def record(error: BaseException) -> logging.LogRecord:
+        message = (f'{ray_logging.RAY_DATA_ABORT} "MapBatches(write_pieces_batch)". Dataset execution will now '
+                   "abort. To ignore this exception and continue, set DataContext.max_errored_blocks.")
+        return logging.LogRecord("ray.data", logging.ERROR, __file__, 1, message, None, (type(error), error, None))
+
+    full = OSError(28, "No space left on device")
+    wrapped = RayTaskError("write_pieces_batch", "Traceback ...", full).as_instanceof_cause()
+    keep = ray_logging.HarmlessRayDataFilter()
+    assert not keep.filter(record(full)) and not keep.filter(record(wrapped))
+    assert keep.filter(record(ZeroDivisionError("a bug")))
