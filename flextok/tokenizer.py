@@ -116,7 +116,8 @@ class FlexTok(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, device: torch.device | str | None = None, *, encoder_only: bool = False
+        cls, path: str | os.PathLike, device: torch.device | str | None = None, *, encoder_only: bool = False,
+        sha256: str | None = None,
     ) -> FlexTok:
         """Load our checkpoint or an official FlexTok release (recognised by its key names; its
         config.json, when beside the weights, is read too). A release detokenizes by default with the
@@ -124,7 +125,8 @@ class FlexTok(nn.Module):
 
         `encoder_only` builds and reads only what `tokenize` uses (the VAE's encoder, the encoder and
         FSQ): the flow decoder and the VAE's decoder are neither built nor read from the file (for
-        d18_d28, 8.7 of its 10.2 GB in fp32)."""
+        d18_d28, 8.7 of its 10.2 GB in fp32). `sha256`: the file's digest, when the caller has already
+        checked it; the whole file is not read again to compute it."""
         from flextok import official
 
         keep = None
@@ -149,7 +151,7 @@ class FlexTok(nn.Module):
             model.drop_decoder()
         model.load_state_dict_strict(state)
         model.checkpoint_id = str(path)
-        model.checkpoint_sha256 = file_sha256(path)
+        model.checkpoint_sha256 = sha256 or file_sha256(path)
         if is_official:
             model.detokenize_defaults = OFFICIAL_DETOKENIZE
         return model.to(device) if device is not None else model
@@ -374,13 +376,15 @@ def is_encoder_key(name: str) -> bool:
 
 
 def load_tokenizer(
-    spec: str | os.PathLike, device: torch.device | str | None = None, *, encoder_only: bool = False
+    spec: str | os.PathLike, device: torch.device | str | None = None, *, encoder_only: bool = False,
+    sha256: str | None = None,
 ) -> FlexTok:
-    """A preset name (random weights) or a checkpoint path — the form CLIs accept for `--model`."""
+    """A preset name (random weights) or a checkpoint path — the form CLIs accept for `--model`;
+    `sha256` as `FlexTok.from_pretrained` takes it."""
     from flextok.config import TOKENIZER_PRESETS
 
     if isinstance(spec, str) and spec in TOKENIZER_PRESETS and not Path(spec).exists():
         model = FlexTok.from_preset(spec, device=device)
         return model.drop_decoder() if encoder_only else model
     resolve_weights_path(spec)  # one clear error for a missing path
-    return FlexTok.from_pretrained(spec, device=device, encoder_only=encoder_only)
+    return FlexTok.from_pretrained(spec, device=device, encoder_only=encoder_only, sha256=sha256)

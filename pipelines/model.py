@@ -99,13 +99,14 @@ def load_model(spec: str, device: str | None = None, *, storage_options: Mapping
 
     from flextok import load_tokenizer
 
+    verified = sha256 if is_remote(spec) else None  # the fetched copy was checked against it
     spec = local_checkpoint(spec, storage_options, sha256)
     if is_preset(spec):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRESET_SEED)
             model = load_tokenizer(spec, device=device, encoder_only=encoder_only)
     else:
-        model = load_tokenizer(spec, device=device, encoder_only=encoder_only)
+        model = load_tokenizer(spec, device=device, encoder_only=encoder_only, sha256=verified)
     return model.eval()
 
 

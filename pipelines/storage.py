@@ -133,6 +133,28 @@ MODEL_FILE = "model.safetensors"
 RELEASE_CONFIG = "config.json"  # an official release's settings beside its weights (flextok.official)
 
 
+def _digest(path: str, record: str) -> str:
+    """sha256 of a cached file, hashed once per copy: the digest is kept in `record` with the file's
+    size and mtime, and read from there while they still match (each actor of a node would otherwise
+    hash the whole checkpoint again: 10 GB for d18_d28)."""
+    from flextok.checkpoint import file_sha256
+
+    st = os.stat(path)
+    stamp = f"{st.st_size} {st.st_mtime_ns}"
+    try:
+        with open(record) as f:
+            digest, _, recorded = f.read().strip().partition(" ")
+        if recorded == stamp:
+            return digest
+    except OSError:
+        pass
+    digest = file_sha256(path)
+    with open(f"{record}.tmp", "w") as f:
+        f.write(f"{digest} {stamp}")
+    os.replace(f"{record}.tmp", record)
+    return digest
+
+
 def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None, *, cache_dir: str | None = None,
                      sha256: str | None = None) -> str:
     """A checkpoint file or run folder at any fsspec URL -> a local path the loaders can read.
@@ -152,7 +174,6 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
     import hashlib
     import posixpath
 
-    from flextok.checkpoint import file_sha256
     from pipelines.retry import call_with_retries
 
     protocol = fsspec.utils.get_protocol(url)
@@ -193,11 +214,12 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
         if config_info is not None and not os.path.isfile(local_config):  # before the weights: they mark done
             call_with_retries(lambda: fs.get(config_path, tmp), what=f"downloading {redact_url(url)}'s {RELEASE_CONFIG}")
             os.replace(tmp, local_config)
+        checked = f"{local}.sha256"  # "<digest> <size> <mtime_ns>" of the copy, once hashed
         for _ in range(2):
             if not os.path.isfile(local):
                 call_with_retries(lambda: fs.get(path, tmp), what=f"downloading {redact_url(url)}")
                 os.replace(tmp, local)
-            if sha256 is None or file_sha256(local) == sha256:
+            if sha256 is None or _digest(local, checked) == sha256:
                 return local
             os.remove(local)  # a corrupt or replaced copy: fetch once more
         raise ValueError(f"{redact_url(url)} does not have the sha256 {sha256[:12]}... the job started with "

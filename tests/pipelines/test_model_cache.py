@@ -102,3 +102,27 @@ def test_a_release_folder_on_s3_brings_its_config_json(s3_server, tmp_path):
     again = fetch_checkpoint(f"s3://{bucket}/flextok_tiny/model.safetensors", s3_server.storage_options,
                              cache_dir=str(tmp_path / "c"))
     assert again != fetched and FlexTok.config_of(again).vae.scaling_factor == 0.25
+
+
+def test_a_node_hashes_a_fetched_checkpoint_once_however_many_actors_load_it(s3_server, remote_model,
+                                                                             tiny_checkpoint, monkeypatch, tmp_path):
+    """Each actor checks its node's copy against the driver's sha256; the whole file is hashed once
+    per copy (d18_d28: 10 GB per pass), not once in the cache and again in from_pretrained per actor."""
+    import flextok.checkpoint
+    import flextok.tokenizer
+    from pipelines.model import load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    hashed = []
+    real = flextok.checkpoint.file_sha256
+    for module in (flextok.checkpoint, flextok.tokenizer):  # the cache's check, and from_pretrained's
+        monkeypatch.setattr(module, "file_sha256", lambda p: (hashed.append(str(p)), real(p))[1])
+    url, sha = f"s3://{remote_model}/tok/model.safetensors", file_sha256(tiny_checkpoint)
+    models = [load_model(url, "cpu", storage_options=s3_server.storage_options, sha256=sha, encoder_only=True)
+              for _ in range(3)]
+    assert len(hashed) == 1 and all(m.checkpoint_sha256 == sha for m in models)
+    # A copy changed in place (same path, other bytes) is hashed again and refused, then fetched anew.
+    local = Path(hashed[0])
+    local.write_bytes(local.read_bytes()[:-1] + b"!")
+    load_model(url, "cpu", storage_options=s3_server.storage_options, sha256=sha, encoder_only=True)
+    assert len(hashed) == 3 and file_sha256(local) == sha
