@@ -1,11 +1,10 @@
-"""Training throughput: Ray Train steps fed by Ray Data vs a bare loop over the same tensors in memory.
+"""Training throughput: Ray Train steps fed by the training row stream vs a bare loop over tensors in memory.
 
-One Ray Train worker (a `TorchTrainer` with the train-tokenizer job's dataset) trains the tokenizer
-with `training.trainer.Trainer` (AdamW, EMA, clipping) and alternates blocks of steps between two
-sources of the same real images:
-  - ray:    the worker's Ray Data shard exactly as `flextok train-tokenizer` reads it (WebDataset
-            shards through the pipeline's read and decode stages, a local shuffle buffer, the Arrow
-            collate, `iter_torch_batches` prefetching), so any ingestion stall is inside the timing;
+One Ray Train worker (a `TorchTrainer`) trains the tokenizer with `training.trainer.Trainer` (AdamW,
+EMA, clipping) and alternates blocks of steps between two sources of the same real images:
+  - ray:    the worker's row stream exactly as `flextok train-tokenizer` reads it (WebDataset shards
+            through the pipeline's read and decode stages in reader threads, shuffle windows, the
+            Arrow collate in a prefetch thread), so any ingestion stall is inside the timing;
   - memory: batches sliced from a uint8 tensor already in the worker's memory (a bare PyTorch loop:
             no Ray between steps).
 Blocks alternate ray, memory, memory, ray, ... in one process with the same model, threads and step
@@ -70,17 +69,16 @@ def memory_batches(pixels: torch.Tensor, batch_size: int):
 
 def interleaved_loop(config: dict[str, Any]) -> dict[str, float]:
     """Ray Train worker: alternate timed blocks of steps fed by Ray Data and by memory."""
-    import ray.train
-
-    from training.data import batch_stream
+    from training.data import RowStream, batch_stream
     from training.trainer import Trainer
 
     task, cfg = config["task"], config["cfg"]
     torch.set_num_threads(config["threads"])
     device = torch.device("cpu")
     trainer = Trainer(task, cfg, device)
+    stream = RowStream(config["source"], seed=0, rank=0, world_size=1, window_rows=cfg.shuffle_buffer)
     sources = {
-        "ray": batch_stream(ray.train.get_dataset_shard("train"), task, cfg, seed=0, use_gpu=False),
+        "ray": (batch for batch, _ in batch_stream(stream, task.collate_fn(), cfg.batch_size)),
         "memory": memory_batches(config["pixels"], cfg.batch_size),
     }
     for _ in range(config["warmup"]):  # data pipeline start-up and allocator warm-up, untimed
@@ -109,7 +107,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
     from pipelines.cluster import ensure_ray
     from pipelines.corpus import build_corpus
     from pipelines.sources import resolve_inputs
-    from training.data import image_dataset
+    from training.data import image_source
     from training.settings import TrainConfig
     from training.tasks import TokenizerTask
 
@@ -128,10 +126,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
             trainer = TorchTrainer(
                 interleaved_loop,
                 train_loop_config={"task": task, "cfg": cfg, "pixels": pixels, "threads": args.threads,
+                                   "source": image_source(resolve_inputs(str(corpus)), {}, task.config.image_size),
                                    "warmup": args.warmup, "rounds": args.rounds, "block": args.block},
                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                 run_config=ray.train.RunConfig(name="bench", storage_path=str(Path(tmp) / "runs")),
-                datasets={"train": image_dataset(resolve_inputs(str(corpus)), {}, task.config.image_size)},
             )
             rates = trainer.fit().return_value
         finally:

@@ -25,7 +25,8 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help="EMA of the weights (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of init, noise and shuffling (default %(default)s)")
     g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
-                   help="rows in each worker's local shuffle buffer, 0 = no shuffle (default %(default)s)")
+                   help="rows in each worker's shuffle window, drawn from >= 16 pieces of the whole corpus; "
+                   "0 = pieces in their (shuffled) epoch order; a resume keeps it (default %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
                    help="steps between checkpoints, also written at the end (default %(default)s)")

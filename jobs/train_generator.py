@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     from jobs.train_flags import train_config_from_args
     from pipelines.sources import effective_storage_options
     from pipelines.writer import OutputStore
-    from training.data import VAL, inspect_tokens, token_dataset
+    from training.data import VAL, inspect_tokens, token_dataset, token_source
     from training.driver import run_training, summary_line
     from training.runs import resolve_grid_tokenizer, resolve_init
     from training.tasks import GeneratorTask
@@ -210,11 +210,12 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--val-tokens {args.val_tokens} has {key}={val.metadata.get(key)!r}, --tokens has "
                                  f"{md.get(key)!r}: held-out tokens must come from the same tokenizer")
 
-    def datasets(order_seed: int) -> dict:
+    def datasets() -> dict:
         log.info("tokens: %s, %d rows in %d file(s), codebook %d, K %d, tokenizer %s", args.tokens, data.num_rows,
                  len(data.paths), md["codebook_size"], md["max_tokens"], md.get("checkpoint_id"))
-        out = {"train": token_dataset(store, data, args.cond, order_seed,
-                                      chosen_prefix=cuts_to_chosen_prefix(data, config.use_eos))}
+        out = {"train": token_source(args.tokens, effective_storage_options(args.tokens, args.storage_options), data,
+                                     args.cond, cfg.shuffle_buffer,
+                                     chosen_prefix=cuts_to_chosen_prefix(data, config.use_eos))}
         if val is not None:
             out[VAL] = token_dataset(val_store, val, args.cond, chosen_prefix=cuts_to_chosen_prefix(val, config.use_eos)
                                      ).limit(args.val_items).materialize()

@@ -178,7 +178,7 @@ def usable_inputs(flag: str, url: str, storage_options: dict):
 def _run(args: argparse.Namespace) -> int:
     from jobs.train_flags import train_config_from_args
     from pipelines.sources import effective_storage_options
-    from training.data import VAL, image_dataset
+    from training.data import VAL, image_dataset, image_source
     from training.driver import run_training, summary_line
     from training.runs import resolve_init
     from training.tasks import TokenizerTask
@@ -208,10 +208,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.val_data:
             plans[VAL] = usable_inputs("--val-data", args.val_data, val_options)
 
-    def datasets(order_seed: int) -> dict:
+    def datasets() -> dict:
         plan = plans["train"]
         log.info("data: %s, %d %s shard(s)", args.data, len(plan.shards), plan.format)
-        out = {"train": image_dataset(plan, data_options, config.image_size, order_seed)}
+        out = {"train": image_source(plan, data_options, config.image_size)}
         if args.val_data:
             out[VAL] = image_dataset(plans[VAL], val_options, config.image_size).limit(args.val_items).materialize()
         return out

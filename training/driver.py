@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from training.data import VAL, data_order_seed
+from training.data import VAL, check_world_size
 from training.loop import (
     CRASH_MARKER_ENV,
     CRASH_STEP_ENV,
@@ -31,6 +31,7 @@ from training.runs import (
     latest_checkpoint_step,
     open_run,
     ray_storage,
+    saved_train_state,
 )
 from training.settings import TrainConfig
 
@@ -74,7 +75,7 @@ def _user_error(error: BaseException) -> ValueError | None:
 
 def run_training(
     task: Any,
-    make_datasets: Callable[[int], dict[str, Any]],
+    make_datasets: Callable[[], dict[str, Any]],
     cfg: TrainConfig,
     *,
     run_url: str,
@@ -83,11 +84,11 @@ def run_training(
     quiet: bool = False,
     preflight: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `task` on `make_datasets(order_seed)["train"]` into RUN; resume a partial RUN; skip a finished one.
+    """Train `task` on `make_datasets()["train"]` into RUN; resume a partial RUN; skip a finished one.
 
-    `order_seed` (see `data_order_seed`) seeds the training stream's shard order, which the job reshuffles
-    at every epoch. An optional `make_datasets(order_seed)["val"]` (small, held out) gives the EMA model's loss on it at every
-    checkpoint (TensorBoard `val/loss`, the progress log, `val_loss` in the summary).
+    "train" is a `training.data.RowSource`: every worker reads its own share of it, in an order that the
+    checkpoints record (exact resume). An optional "val" Ray Dataset (small, held out) gives the EMA
+    model's loss on it at every checkpoint (TensorBoard `val/loss`, the progress log, `val_loss` in the summary).
 
     `preflight` runs before Ray starts and after the finished-run check (e.g. listing the inputs, so
     that missing data is one clear error). Returns the run summary (also RUN/train_summary.json), with
@@ -103,6 +104,9 @@ def run_training(
         summary = store.read_json(SUMMARY_FILE)
         summary["nothing_to_do"] = True
         return summary
+    resume_step = latest_checkpoint_step(store)
+    if resume_step:  # before any worker starts: a refused resume must not be retried max_failures times
+        check_world_size((saved_train_state(store, resume_step) or {}).get("data_position"), cfg.num_workers)
     if preflight is not None:
         preflight()
     import ray.train
@@ -123,13 +127,14 @@ def run_training(
         # RAY_DATA_USE_DATASOURCE_V2=0 (those tests call the readers directly, so CI runs them on V2).
         ctx.use_datasource_v2 = False
         cfg = resolve_resources(cfg)
-        datasets = make_datasets(data_order_seed(cfg.seed, latest_checkpoint_step(store)))
+        datasets = make_datasets()
+        source = datasets.pop("train")
         if not store.exists(JOB_FILE):
             store.write_json(JOB_FILE, {**settings, "resources": {
                 "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "cpus_per_worker": cfg.cpus_per_worker}})
         crash_at = os.environ.get(CRASH_STEP_ENV)
         spec = LoopSpec(
-            task=task, train=cfg, run_url=run_url, storage_options=dict(opts), threads=cfg.threads, quiet=quiet,
+            task=task, train=cfg, source=source, run_url=run_url, storage_options=dict(opts), threads=cfg.threads, quiet=quiet,
             crash_at_step=int(crash_at) if crash_at else None, crash_marker=os.environ.get(CRASH_MARKER_ENV),
             has_val=VAL in datasets,
         )
@@ -148,8 +153,8 @@ def run_training(
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # "val" goes whole to each worker
+            datasets=datasets or None,
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # "val" goes whole to each worker
         )
         start = time.perf_counter()
         try:

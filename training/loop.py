@@ -1,6 +1,8 @@
 """The Ray Train worker loop: resume, train to `max_steps`, checkpoint, validate, log, draw grids.
 
-Runs inside every Ray Train worker (DDP over gloo on CPU, nccl on GPU). Rank 0 holds the EMA, writes
+Runs inside every Ray Train worker (DDP over gloo on CPU, nccl on GPU). Each worker reads its own rows
+(`training.data.RowStream`) from the position its checkpoint recorded, so a resumed run repeats nothing
+and skips nothing. Rank 0 holds the EMA, writes
 checkpoints through `ray.train.report`, TensorBoard events, progress lines and grids. Does not own
 what a run folder looks like (`training.runs`) or how the run is launched (`training.driver`).
 """
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.data import VAL, batch_stream
+from training.data import VAL, Position, RowStream, batch_stream, resume_position
 from training.runs import TB_DIR, checkpoint_dir_name, grid_name, open_run
 from training.settings import TrainConfig
 from training.trainer import Trainer, _autocast
@@ -48,6 +50,7 @@ class LoopSpec:
 
     task: Any
     train: TrainConfig
+    source: Any  # the training rows (`training.data.RowSource`), read by each worker itself
     run_url: str
     storage_options: dict[str, Any]
     threads: int | None = None
@@ -217,8 +220,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             log.info("%s resumed from step %d (loss %s)", task.name, state["step"], state["loss"])
     trainer.reseed(rank)
+    position = resume_position(trainer.data_position, spec.source.num_units, rank, world, trainer.step)
     monitor = _Monitor(spec, trainer, world) if rank == 0 else None
-    batches = batch_stream(ray.train.get_dataset_shard("train"), task, cfg, cfg.seed * 7919 + trainer.step, cfg.use_gpu)
+    stream = RowStream(spec.source, seed=cfg.seed, rank=rank, world_size=world, window_rows=cfg.shuffle_buffer,
+                       position=position)
+    batches = batch_stream(stream, task.collate_fn(), cfg.micro_batch_size, pin_memory=cfg.use_gpu)
     val_shard = ray.train.get_dataset_shard(VAL) if spec.has_val and rank == 0 else None
     reference = None
     sums = torch.zeros(3, device=device)  # loss, grad norm, items since the last log
@@ -231,7 +237,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                  task.name, world, cfg.strategy, device, cfg.worker_batch_size, cfg.grad_accum,
                  cfg.micro_batch_size, trainer.step, cfg.max_steps)
     while trainer.step < cfg.max_steps:
-        micro = [task.prepare_batch(next(batches), device) for _ in range(cfg.grad_accum)]
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch, position = next(batches)
+            micro.append(task.prepare_batch(batch, device))
         if reference is None:
             reference = micro[0]
             if monitor is not None:
@@ -262,9 +271,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 monitor.grid(reference)
             grid_done_at = step
         if is_checkpoint:
+            trainer.data_position = gather_positions(position, spec.source.num_units, world, device)
             if monitor is not None and val_shard is not None:
                 trainer.val_loss = monitor.validate(val_shard)
             _report(trainer, monitor, rank)
+    batches.close()
     if grid_done_at != trainer.step and reference is not None:
         trainer.gather_ema()
         if monitor is not None:
@@ -278,6 +289,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "items_seen": trainer.items_seen, "item_name": task.item_name, "world_size": world, "device": str(device),
         "num_parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
+
+
+def gather_positions(position: Position, num_units: int, world: int, device: torch.device) -> dict[str, Any]:
+    """Every worker's data position, for the checkpoint (a collective: every worker calls it)."""
+    mine = torch.tensor(position.to_list(), dtype=torch.int64, device=device)
+    if world > 1:
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(everyone, mine)
+    else:
+        everyone = [mine]
+    return {"world_size": world, "num_units": num_units, "positions": [t.tolist() for t in everyone]}
 
 
 def _report(trainer: Trainer, monitor: _Monitor | None, rank: int) -> None:

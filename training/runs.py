@@ -7,10 +7,10 @@ The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
         model.safetensors       EMA weights written by the model's own `save_pretrained` (+ step),
                                 so a checkpoint folder loads like a finished model
         train_state.safetensors ddp: online weights (`model.*`), AdamW moments (`optim.*`) and the
-                                step state as JSON metadata
+                                step state as JSON metadata (counters, every worker's data position)
         shards/                 fsdp instead: online weights, EMA and AdamW moments as one
                                 safetensors shard per worker (torch.distributed.checkpoint)
-        train_state.json        fsdp: the step state
+        train_state.json        fsdp: the step state (the same JSON)
     checkpoint_manager_snapshot.json   Ray Train's record of the checkpoints (what resume reads)
     tensorboard/              event files: loss, lr, grad norm, images/s or tokens/s
     grids/step_<step>.png     reconstruction or sample grids (rank 0)
@@ -87,6 +87,25 @@ def checkpoint_steps(store: OutputStore) -> list[int]:
 def latest_checkpoint_step(store: OutputStore) -> int:
     """The step of RUN's newest `checkpoint_<step>` folder (the one a resumed run starts from), 0 if none."""
     return max(checkpoint_steps(store), default=0)
+
+
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header larger than this is not one of ours
+
+
+def saved_train_state(store: OutputStore, step: int) -> dict[str, Any] | None:
+    """The step state of RUN's checkpoint_<step> (counters, data positions), read without its tensors;
+    None when there is none."""
+    folder = checkpoint_dir_name(step)
+    if store.exists(f"{folder}/{TRAIN_STATE_FILE}"):
+        return store.read_json(f"{folder}/{TRAIN_STATE_FILE}")["train_state"]
+    if not store.exists(f"{folder}/{STATE_FILE}"):
+        return None
+    with store.fs.open(store.path(f"{folder}/{STATE_FILE}"), "rb") as f:  # the safetensors header only
+        size = int.from_bytes(f.read(8), "little")
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"{store.url}/{folder}/{STATE_FILE} is not a training state (header {size:,} bytes)")
+        header = json.loads(f.read(size))
+    return json.loads(header.get("__metadata__", {}).get("train_state", "null"))
 
 
 def newest_model(store: OutputStore) -> str:

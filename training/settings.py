@@ -50,7 +50,7 @@ class TrainConfig:
 
     # A re-run resumes only with the same values of these (the optimisation would differ otherwise).
     RESUME_KEYS = ("max_steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                   "beta1", "beta2", "grad_clip", "ema_decay", "seed")
+                   "beta1", "beta2", "grad_clip", "ema_decay", "seed", "shuffle_buffer")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers"):

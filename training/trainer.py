@@ -67,6 +67,11 @@ def shard_model(model: nn.Module, blocks: list[nn.Module], device: torch.device)
     fully_shard(model, mp_policy=policy)
 
 
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a worker's noise at an optimizer step: a pure function, so resuming repeats it exactly."""
+    return (seed * 1_000_003 + rank * 7919 + step * 104_729) % 2**63
+
+
 def _scalar(t: torch.Tensor) -> torch.Tensor:
     """A reduced scalar as a plain tensor (a DTensor's full value: a collective, not a host sync)."""
     from torch.distributed.tensor import DTensor
@@ -115,12 +120,13 @@ class Trainer:
         self.train_seconds = 0.0
         self.last_loss: float | None = None
         self.val_loss: float | None = None
+        self.data_position: dict[str, Any] | None = None  # every worker's, set by the loop before `save`
         self.rng = torch.Generator(device=self.device)
-        self.reseed(0)
+        self.rank = 0
 
     def reseed(self, rank: int) -> None:
-        """Noise streams differ per worker and per (re)start step, and repeat for the same ones."""
-        self.rng.manual_seed((self.cfg.seed * 1_000_003 + rank * 7919 + self.step) % 2**63)
+        """This worker's rank: its noise (nested dropout, flow times, CFG drop) is drawn from `noise_seed`."""
+        self.rank = rank
 
     def _sync_gradients(self, enabled: bool):
         """Gradient all-reduce only on an update's last micro-batch."""
@@ -137,6 +143,8 @@ class Trainer:
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # Seeded by (seed, rank, step), not carried over: a resumed run draws the same noise at every step.
+        self.rng.manual_seed(noise_seed(self.cfg.seed, self.rank, self.step))
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
@@ -174,13 +182,17 @@ class Trainer:
         self._gathered_step = self.step
 
     def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "items_seen": self.items_seen, "train_seconds": round(self.train_seconds, 3),
-                "loss": self.last_loss, "val_loss": self.val_loss}
+        state = {"step": self.step, "items_seen": self.items_seen, "train_seconds": round(self.train_seconds, 3),
+                 "loss": self.last_loss, "val_loss": self.val_loss}
+        if self.data_position is not None:
+            state["data_position"] = self.data_position
+        return state
 
     def _set_state(self, state: Mapping[str, Any]) -> None:
         self.step, self.items_seen = int(state["step"]), int(state["items_seen"])
         self.train_seconds, self.last_loss = float(state["train_seconds"]), state["loss"]
         self.val_loss = state.get("val_loss")
+        self.data_position = state.get("data_position")
 
     def save(self, folder: Path) -> None:
         """Write a checkpoint into `folder`: ddp on the main worker only; fsdp on every worker (a collective)."""

@@ -317,7 +317,7 @@ def test_kept_all_rows_are_cut_to_their_chosen_prefix():
 def test_eos_training_on_kept_all_rows_reads_the_chosen_prefixes(ray_local, tmp_path):
     """The training dataset of an --eos run on --adaptive-keep-all tokens: each row its chosen prefix."""
     from jobs.train_generator import cuts_to_chosen_prefix
-    from training.data import token_dataset
+    from training.data import token_dataset, token_source
 
     table = _kept_all()
     target = {"max_relative_error": 0.2, "keep_all_tokens": True, "candidate_lengths": list(range(1, 33))}
@@ -331,6 +331,9 @@ def test_eos_training_on_kept_all_rows_reads_the_chosen_prefixes(ray_local, tmp_
     got = sorted((r["label"], list(r["tokens"])) for r in rows)
     want = sorted((i % 3, list(range(100 * i, 100 * i + 1 + (5 * i) % 32))) for i in range(6))
     assert got == want
+    source = token_source(str(tmp_path / "tok"), {}, data, "class", 16, chosen_prefix=True)  # the training rows
+    rows = source.read(range(source.num_units)).to_pylist()
+    assert sorted((r["label"], r["tokens"]) for r in rows) == want
 
 
 @pytest.mark.slow
@@ -338,26 +341,37 @@ def test_fsdp_run_killed_resumes_from_its_sharded_checkpoint(ray_local, token_da
     """--strategy fsdp on 2 gloo workers: every worker writes its safetensors shard; rank 0 dies at step 3
     and the run resumes from the sharded checkpoint 2; RUN/model.safetensors is the EMA the shards hold."""
     import torch.distributed.checkpoint as dcp
+    from run_helpers import scalars
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     from flextok.checkpoint import load_checkpoint
     from training.loop import CRASH_MARKER_ENV, CRASH_STEP_ENV
 
-    run, marker = tmp_path / "run", tmp_path / "killed"
+    run, marker, whole = tmp_path / "run", tmp_path / "killed", tmp_path / "whole"
+    # 48 rows in 2 files; windows of 16 rows over units of 1 row; 24 rows per worker per epoch, 4 per
+    # step: the kill at step 3 is mid-window and mid-epoch, and the resumed run crosses into epoch 1.
+    argv = ["--tokens", str(token_data["tokens"]), "--cond", "class", *SMALL, *FAST,
+            "--workers", "2", "--strategy", "fsdp", "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "2",
+            "--keep-checkpoints", "4", "--grid-every", "0", "--max-failures", "1", "--shuffle-buffer", "16"]
+    assert main(["--output", str(whole), *argv]) == 0
     monkeypatch.setenv(CRASH_STEP_ENV, "3")
     monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
-    argv = ["--tokens", str(token_data["tokens"]), "--output", str(run), "--cond", "class", *SMALL, *FAST,
-            "--workers", "2", "--strategy", "fsdp", "--batch-size", "8", "--max-steps", "4", "--checkpoint-every", "2",
-            "--keep-checkpoints", "3", "--grid-every", "0", "--max-failures", "1"]
-    assert main(argv) == 0
+    assert main(["--output", str(run), *argv]) == 0
     assert marker.read_text().startswith("killed at step 3")
-    assert "train-generator: 4 steps" in capsys.readouterr().out
+    assert "train-generator: 8 steps" in capsys.readouterr().out
+    uninterrupted = {s: v for _, s, v in scalars(whole)}
+    resumed = {s: v for f, s, v in scalars(run) if f == 1}
+    assert sorted(resumed) == list(range(3, 9))
+    assert resumed == {s: uninterrupted[s] for s in resumed}  # bit-identical from the resume step on
+    position = json.loads((run / "checkpoint_00000002" / "train_state.json").read_text())["train_state"]["data_position"]
+    assert position == {"world_size": 2, "num_units": 48, "positions": position["positions"]}
+    assert all(p[:1] == [0] and p[2] == 8 for p in position["positions"]), position  # 8 rows into a 16-row window
     for step in (2, 4):
         folder = run / f"checkpoint_{step:08d}"
         shards = sorted(p.name for p in (folder / "shards").glob("*.safetensors"))
         assert len(shards) == 2, shards  # one file per worker
         assert json.loads((folder / "train_state.json").read_text())["train_state"]["step"] == step
-    final = run / "checkpoint_00000004"
+    final = run / "checkpoint_00000008"
     exported, _ = load_checkpoint(run / "model.safetensors")
     # Gather the EMA from the two workers' shards in this one process (a world size of 1: DCP reshards).
     gathered = {f"ema.{k}": torch.zeros_like(v) for k, v in exported.items()}
@@ -365,4 +379,4 @@ def test_fsdp_run_killed_resumes_from_its_sharded_checkpoint(ray_local, token_da
     for name, value in exported.items():
         assert torch.equal(gathered[f"ema.{name}"], value), name
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["items_seen"] > 0 and summary["step"] == 4
+    assert summary["world_size"] == 2 and summary["items_seen"] > 0 and summary["step"] == 8

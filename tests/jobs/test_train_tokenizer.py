@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from run_helpers import scalars
 
 from flextok import FlexTok
 from flextok.checkpoint import SAME_TOKENS_KEY, file_sha256, read_metadata, same_tokens_shas
@@ -172,19 +173,6 @@ def test_missing_data_and_output_inside_data_are_one_line_errors(corpus, tmp_pat
     assert not (corpus / "run").exists() and not (tmp_path / "run").exists()
 
 
-def scalars(run_dir, tag="train/loss"):
-    """(file, step, value) of every `tag` event under RUN/tensorboard, file by file in time order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = []
-    files = sorted((run_dir / "tensorboard").iterdir(), key=lambda p: int(p.name.split(".")[3]))
-    for i, path in enumerate(files):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        out += [(i, e.step, e.value) for e in events.Scalars(tag)]
-    return out
-
-
 @pytest.mark.slow
 def test_train_tokenizer_end_to_end_then_a_rerun_does_nothing(ray_local, corpus, tmp_path, capsys):
     run = tmp_path / "run"
@@ -215,14 +203,21 @@ def test_train_tokenizer_end_to_end_then_a_rerun_does_nothing(ray_local, corpus,
 
 
 @pytest.mark.slow
-def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, corpus, tmp_path, monkeypatch, capsys):
-    """Rank 0 really dies (os._exit) at step 5; Ray Train restarts it from checkpoint 4 and finishes."""
-    run, marker = tmp_path / "run", tmp_path / "killed"
+def test_a_killed_worker_resumes_exactly_where_it_was(ray_local, corpus, tmp_path, monkeypatch, capsys):
+    """2 ddp workers; rank 0 really dies (os._exit) at step 5, in the middle of an epoch and of a shuffle
+    window; Ray Train restarts the group from checkpoint 4 and finishes. From step 5 on, every loss is
+    bit-identical to an uninterrupted run's: the same images (the data position is in the checkpoint)
+    and the same nested-dropout, time and noise draws (seeded by seed, rank and step)."""
+    run, marker, whole = tmp_path / "run", tmp_path / "killed", tmp_path / "whole"
+    # 3 shards of 32 images, dealt to 2 workers (1 or 2 shards each: an epoch is 8 or 16 steps of
+    # 4 images per worker); windows of at least 24 images are whole shards here.
+    argv = ["--data", str(corpus), *ARCH, *FAST, "--max-steps", "7", "--batch-size", "8", "--workers", "2",
+            "--shuffle-buffer", "24", "--checkpoint-every", "2", "--keep-checkpoints", "4", "--grid-every", "0",
+            "--max-failures", "1"]
+    assert main(["--output", str(whole), *argv]) == 0
     monkeypatch.setenv(CRASH_STEP_ENV, "5")
     monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
-    argv = ["--data", str(corpus), "--output", str(run), *ARCH, *FAST, "--max-steps", "7", "--batch-size", "8",
-            "--checkpoint-every", "2", "--keep-checkpoints", "4", "--grid-every", "0", "--max-failures", "1"]
-    assert main(argv) == 0
+    assert main(["--output", str(run), *argv]) == 0
     assert marker.read_text().startswith("killed at step 5")
     assert "train-tokenizer: 7 steps" in capsys.readouterr().out
     assert read_metadata(run / "model.safetensors")["step"] == "7"
@@ -231,10 +226,25 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, corpus, tmp
     second = {s: v for f, s, v in losses if f == 1}
     assert sorted(first) == [1, 2, 3, 4]  # died at step 5, before logging it
     assert sorted(second) == [5, 6, 7]  # resumed after checkpoint 4, not from step 0
+    uninterrupted = {s: v for _, s, v in scalars(whole)}
+    assert second == {s: uninterrupted[s] for s in (5, 6, 7)}  # bit-identical
+    assert first == {s: uninterrupted[s] for s in (1, 2, 3, 4)}
     state = json.loads(read_metadata(run / "checkpoint_00000004" / "train_state.safetensors")["train_state"])
     assert state["step"] == 4 and state["items_seen"] == 4 * 8
+    position = state["data_position"]
+    assert position["world_size"] == 2 and position["num_units"] == 3
+    assert all(p[0] == 0 and p[2] > 0 for p in position["positions"]), position  # mid-epoch, mid-window
     assert np.float32(state["loss"]) == np.float32(first[4])  # the loss it resumed with is where it was
     assert json.loads((run / "train_summary.json").read_text())["items_seen"] == 7 * 8
+    assert torch.equal(FlexTok.from_pretrained(run / "model.safetensors").state_dict()["registers"],
+                       FlexTok.from_pretrained(whole / "model.safetensors").state_dict()["registers"])
+
+    (run / "train_summary.json").unlink()  # as if it had stopped at its last checkpoint
+    elsewhere = ["--output", str(run), *argv]
+    elsewhere[elsewhere.index("--workers") + 1] = "1"
+    assert main(elsewhere) != 0  # refused before any worker starts, in one line
+    assert "trained on 2 worker(s) and its data position is per worker; resume it with --workers 2" in \
+        capsys.readouterr().err
 
 
 def test_latent_presets_need_the_vae_weights(tmp_path):

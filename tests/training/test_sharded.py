@@ -1,7 +1,7 @@
 """FSDP2 and DDP on 2 Ray Train workers (gloo, CPU) against one process: same losses, same weights.
 
 The reference runs the same two half-batches in one process, each half with the noise stream its
-worker would draw (`Trainer.reseed(rank)`), and averages the two losses: exactly the update that two
+worker would draw (`noise_seed(seed, rank, step)`), and averages the two losses: exactly the update that two
 data-parallel workers make. Differences can only come from the sharding, the gradient reduction or the
 sharded optimizer and EMA.
 """
@@ -19,7 +19,7 @@ from flextok.config import get_preset
 from flextok.gpt import GPTConfig
 from training.settings import TrainConfig
 from training.tasks import GeneratorTask, TokenizerTask
-from training.trainer import Trainer
+from training.trainer import Trainer, noise_seed
 
 STEPS = 20
 BATCH = 8  # global: 4 rows per worker
@@ -80,24 +80,28 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"losses": losses, "ema": ema, "sharded": trainer.sharded}
 
 
-@dataclass(frozen=True)
+@dataclass
 class _TwoHalves:
-    """One process doing what two workers do: each half-batch with its worker's noise, losses averaged."""
+    """One process doing what two workers do: each half-batch with its worker's noise, losses averaged.
+
+    The trainer (rank 0) passes its own noise, seeded for rank 0 at each step; rank 1's is seeded here."""
 
     task: Any
-    rngs: tuple[torch.Generator, torch.Generator]
+    seed: int
+    step: int = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.task, name)
 
     def loss(self, model, batch, generator):
-        return sum(self.task.loss(model, _half(batch, r), self.rngs[r]) for r in (0, 1)) / 2
+        rank1 = torch.Generator().manual_seed(noise_seed(self.seed, 1, self.step))
+        self.step += 1
+        return (self.task.loss(model, _half(batch, 0), generator) + self.task.loss(model, _half(batch, 1), rank1)) / 2
 
 
 def _reference(kind: str) -> dict[str, Any]:
     cfg = _cfg("ddp", 1)
-    rngs = tuple(torch.Generator().manual_seed((cfg.seed * 1_000_003 + r * 7919) % 2**63) for r in (0, 1))
-    trainer = Trainer(_TwoHalves(_task(kind), rngs), cfg, torch.device("cpu"))
+    trainer = Trainer(_TwoHalves(_task(kind), cfg.seed), cfg, torch.device("cpu"))
     losses = [float(trainer.train_step(batch)[0]) for batch in _batches(kind)]
     return {"losses": losses, "ema": _full_ema(trainer)}
 
