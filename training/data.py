@@ -92,6 +92,7 @@ def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, An
 
 # The row stream: which rows a worker reads, in which order, and where it is ----------------------
 UNITS_PER_WINDOW = 16  # a shuffle window holds rows of at least this many units drawn from the whole corpus
+MAX_UNIT_ROWS = 64  # token row groups are read in slices of at most this many rows
 READ_THREADS = 4  # units read (and images decoded) at once by each worker, ahead of the training step
 TOKEN_CACHE_BYTES = 512 << 20  # per worker process: decoded token row groups kept for later units and epochs
 
@@ -464,8 +465,9 @@ def token_dataset(store, data: TokenData, cond: str, *, chosen_prefix: bool = Fa
 
 
 def unit_rows(window_rows: int) -> int | None:
-    """Rows per unit of a file that can be read in pieces: a window then mixes >= UNITS_PER_WINDOW units."""
-    return -(-window_rows // UNITS_PER_WINDOW) if window_rows else None
+    """Rows per unit of a token row group: a window mixes >= UNITS_PER_WINDOW units, and window / MAX_UNIT_ROWS
+    of them in large windows (a window of 65,536 rows mixes 1,024 pieces of the corpus)."""
+    return min(-(-window_rows // UNITS_PER_WINDOW), MAX_UNIT_ROWS) if window_rows else None
 
 
 _STORES: dict[str, Any] = {}  # per process: url + options -> OutputStore

@@ -24,6 +24,7 @@ from training.data import (
     image_source,
     inspect_tokens,
     token_source,
+    unit_rows,
 )
 
 NUM_CLASSES = 10
@@ -80,6 +81,7 @@ def test_token_units_are_row_group_slices(tokens):
     source = source_of(tokens, 64)  # 64 rows per window / 16 units -> slices of at most 4 rows
     assert source.num_units == NUM_CLASSES * (7 + 4)  # 25 rows -> 7 slices, 15 -> 4
     assert {u[3] for u in source.units} == {4, 1, 3}
+    assert (unit_rows(100), unit_rows(1024), unit_rows(65536), unit_rows(0)) == (7, 64, 64, None)  # >= 16 per window
     whole = source_of(tokens, 0)  # no shuffle: a unit is a whole row group
     assert [u[3] for u in whole.units[:2]] == [25, 15]
     assert row_ids(source.read([0, 1])) == [(0, i) for i in range(8)]
