@@ -185,7 +185,7 @@ class RowStream:
         with ThreadPoolExecutor(self.read_threads, thread_name_prefix="flextok-read") as pool:
             pending: deque = deque()
             while True:
-                while len(pending) < 2 * self.read_threads:
+                while len(pending) <= self.read_threads:  # one read queued behind each thread
                     e, j, units = next(planned)
                     pending.append((e, j, pool.submit(self.source.read, units)))
                 e, j, future = pending.popleft()
