@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-per-condition", type=positive_int, default=4, help="samples each (default %(default)s)")
     g.add_argument("--grid-cfg", type=finite_float, default=3.0, help="CFG scale of grid samples (default %(default)s)")
     g.add_argument("--grid-steps", type=positive_int, default=25, help="decoder Euler steps (default %(default)s)")
-    add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=2000, warmup_steps=100, weight_decay=0.05))
+    # Token rows are small (512 B at 256 tokens): a 65,536-row shuffle window (34 MB) mixes 1,024 slices
+    # of the corpus, so tokens written in class order still give batches of many classes.
+    add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=2000, warmup_steps=100, weight_decay=0.05,
+                                  shuffle_buffer=65536))
     add_init_arg(p, "generator")
     add_val_args(p, "--val-tokens", "token rows (a `flextok tokenize` output of held-out images, same tokenizer)")
     return p

@@ -7,7 +7,8 @@ so parameters, gradients, AdamW moments and the EMA are sharded over the workers
 runs in bf16 with fp32 master weights and fp32 gradient reduction (`MixedPrecisionPolicy`).
 Checkpoints are then written by every worker through `torch.distributed.checkpoint` as safetensors
 shards (`shards/`, nothing pickled), and the main worker writes the gathered EMA as the single-file
-`model.safetensors`. A sharded checkpoint loads on any world size (DCP reshards on load).
+`model.safetensors`. DCP would reshard the tensors onto another world size, but the data position is
+per worker: the driver refuses such a resume (`training.data.check_world_size`).
 
 No Ray: the worker loop (`training.loop`) wraps it, and tests drive it directly in one process.
 The task it trains is a `TrainTask` (`training.tasks`).

@@ -23,6 +23,7 @@ from training.data import (
     epoch_units,
     image_source,
     inspect_tokens,
+    resume_position,
     token_source,
     unit_rows,
 )
@@ -209,3 +210,12 @@ def test_a_class_sorted_image_folder_gives_mixed_batches(image_folder):
     reference = uniform_draw_entropy(np.full(NUM_CLASSES, 12), 16)
     mixed = mean_batch_entropy(source, window=32, batch=16, batches=3)
     assert mixed > 0.9 * reference, (mixed, reference)
+
+
+def test_a_checkpoint_position_resumes_on_its_own_world_size_only():
+    saved = {"world_size": 2, "num_units": 110, "positions": [[3, 40, 5], [3, 44, 0]]}
+    assert resume_position(saved, 110, 1, 2, step=9) == Position(3, 44, 0)
+    with pytest.raises(ValueError, match="trained on 2 worker\\(s\\).*resume it with --workers 2"):
+        resume_position(saved, 110, 0, 3, step=9)
+    assert resume_position(saved, 120, 0, 2, step=9) == Position(4)  # other data: the next epoch, from its top
+    assert resume_position(None, 110, 0, 4, step=9) == Position()  # a checkpoint from before positions
