@@ -98,6 +98,13 @@ def test_config_comes_from_the_token_metadata_and_labels(token_data):
     assert config.cond == "text" and config.num_prefix_tokens == 8 and config.num_classes is None
 
 
+def test_the_default_shuffle_window_mixes_a_thousand_pieces_of_a_token_corpus():
+    from training.data import unit_rows
+
+    window = build_parser().parse_args(["--tokens", "t", "--output", "x", "--cond", "class"]).shuffle_buffer
+    assert window == 65536 and window // unit_rows(window) == 1024  # slices of 64 rows, 34 MB at 256 tokens
+
+
 def test_grid_tokenizer_is_the_recorded_file_or_none_for_a_preset(token_data, tmp_path):
     sha = file_sha256(token_data["tokenizer"])
     recorded = {"checkpoint_id": str(token_data["tokenizer"]), "checkpoint_sha256": sha}
