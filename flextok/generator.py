@@ -1,12 +1,11 @@
 """Class- and text-conditional generators: the autoregressive process around the GPT network.
 
-Owns: the condition embedders (a class table with a null class; a projection of text-encoder states
-with a learned null prefix; each owns its CFG drop), the next-token loss over ragged token
-sequences, sampling (temperature, top-k, top-p, classifier-free guidance with conditional and
-unconditional rows batched, KV cache), and checkpoints with their provenance (the tokenizer a
-generator was trained on, its text encoder).
-Does not own: the transformer (`flextok.gpt`), text encoding (`flextok.text_encoder`), nor turning
-tokens into images (the tokenizer's `detokenize`).
+Owns: the `Generator` (a GPT with its condition prefix), the next-token loss over ragged token
+sequences, padded or packed, and checkpoints with their provenance (the tokenizer a generator was
+trained on, its text encoder).
+Does not own: the transformer (`flextok.gpt`), the condition embedders and their CFG drop
+(`flextok.conditioning`), the sampling loop (`flextok.token_sampling`), text encoding
+(`flextok.text_encoder`), nor turning tokens into images (the tokenizer's `detokenize`).
 
 Conditions: a class model takes labels (LongTensor (B,) or a list of ints); a text model takes a
 list of captions (encoded by its frozen text encoder) or precomputed `(states (B, T, E), mask (B, T))`
@@ -32,16 +31,19 @@ from flextok.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from flextok.conditioning import ClassEmbedder, Condition, TextEmbedder
 from flextok.gpt import GPT, GPTConfig
-from flextok.packing import packed_attention_mask, plan_packing
+from flextok.packing import PackPlan, packed_attention_mask, plan_packing
 from flextok.text_encoder import TextEncoder, load_text_encoder
+from flextok.token_sampling import PAD_ID, generate_tokens, sample_logits, token_lengths
 
 CHECKPOINT_KIND = "Generator"
 IGNORE_INDEX = -100  # target value of padding in ragged token batches
-PAD_ID = -1  # what `generate` puts after a sequence's end (EOS generators); detokenize skips it
 
-TextCondition = tuple[torch.Tensor, torch.Tensor]
-Condition = torch.Tensor | Sequence[int] | Sequence[str] | TextCondition
+__all__ = [  # with what `flextok.conditioning` and `flextok.token_sampling` own, for the callers of this module
+    "CHECKPOINT_KIND", "IGNORE_INDEX", "PAD_ID", "ClassEmbedder", "Condition", "Generator", "PackedLoss", "TextEmbedder",
+    "append_eos", "pad_tokens", "sample_logits", "token_lengths",
+]
 
 
 @dataclass(frozen=True)
@@ -52,85 +54,6 @@ class PackedLoss:
     per_sequence: torch.Tensor  # (B,) each sequence's mean loss
     padding_fraction: float  # share of the packed positions that held no sequence
     num_rows: int
-
-
-def _drop_rows(batch_size: int, prob: float, generator: torch.Generator | None, device) -> torch.Tensor:
-    """(B,) bool: rows whose condition is replaced by the null condition (CFG training)."""
-    rand_device = generator.device if generator is not None else device
-    return (torch.rand(batch_size, generator=generator, device=rand_device) < prob).to(device)
-
-
-class ClassEmbedder(nn.Module):
-    """Class label -> one prefix embedding; row `num_classes` of the table is the null class."""
-
-    def __init__(self, num_classes: int, dim: int, dropout_prob: float) -> None:
-        super().__init__()
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        self.table = nn.Embedding(num_classes + 1, dim)
-        nn.init.normal_(self.table.weight, std=0.02)
-
-    def forward(
-        self, labels: torch.Tensor, *, train: bool = False, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """(B,) labels -> (B, 1, D); with `train`, each row becomes the null class with `dropout_prob`."""
-        if train and self.dropout_prob > 0:
-            drop = _drop_rows(labels.shape[0], self.dropout_prob, generator, labels.device)
-            labels = torch.where(drop, self.num_classes, labels)
-        return self.table(labels)[:, None]  # (B, 1, D)
-
-    def null(self, batch_size: int) -> torch.Tensor:
-        labels = torch.full((batch_size,), self.num_classes, device=self.table.weight.device)
-        return self.table(labels)[:, None]  # (B, 1, D)
-
-
-class TextEmbedder(nn.Module):
-    """Text-encoder states -> L prefix embeddings and their mask; a learned null prefix for CFG.
-
-    Valid caption tokens are moved to the end of the prefix (padding first), so the last prefix
-    slot, whose output predicts token 0, always holds a real caption token, and the result does not
-    depend on how much padding a batch had.
-    """
-
-    def __init__(self, text_dim: int, dim: int, num_prefix_tokens: int, dropout_prob: float) -> None:
-        super().__init__()
-        self.num_prefix_tokens, self.dropout_prob = num_prefix_tokens, dropout_prob
-        self.proj = nn.Linear(text_dim, dim)
-        self.null_prefix = nn.Parameter(torch.empty(num_prefix_tokens, dim))
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
-        nn.init.normal_(self.null_prefix, std=0.02)
-
-    def forward(
-        self,
-        states: torch.Tensor,
-        mask: torch.Tensor,
-        *,
-        train: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, E) states and (B, T) mask -> prefix (B, L, D) and prefix mask (B, L)."""
-        B, T, _ = states.shape
-        L = self.num_prefix_tokens
-        if T > L or mask.shape != (B, T):
-            raise ValueError(f"text states must be (B, T<={L}, E) with a (B, T) mask, got {tuple(states.shape)}")
-        mask = mask.bool()
-        if not mask.any(dim=1).all():
-            raise ValueError("every caption needs at least one valid encoder token")
-        states = F.pad(states.to(self.proj.weight.dtype), (0, 0, L - T, 0))  # (B, L, E), pad first
-        mask = F.pad(mask, (L - T, 0), value=False)  # (B, L)
-        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # padding first, order kept
-        states = states.gather(1, order[..., None].expand_as(states))
-        mask = mask.gather(1, order)
-        prefix = self.proj(states) * mask[..., None]  # (B, L, D); padded slots are never attended
-        if train and self.dropout_prob > 0:
-            drop = _drop_rows(B, self.dropout_prob, generator, states.device)
-            prefix = torch.where(drop[:, None, None], self.null_prefix.to(prefix.dtype), prefix)
-            mask = mask | drop[:, None]
-        return prefix, mask
-
-    def null(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        prefix = self.null_prefix[None].expand(batch_size, -1, -1)  # (B, L, D)
-        return prefix, torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
 
 
 def pad_tokens(tokens: torch.Tensor | Sequence[torch.Tensor], max_tokens: int) -> torch.Tensor:
@@ -161,46 +84,6 @@ def append_eos(targets: torch.Tensor, eos_id: int, max_tokens: int) -> torch.Ten
     short = lengths < max_tokens
     out[short.nonzero().squeeze(1), lengths[short]] = eos_id
     return out
-
-
-def token_lengths(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids from `generate` -> (B,) tokens per row (entries before the first PAD_ID)."""
-    return (tokens >= 0).sum(dim=1)
-
-
-def sample_logits(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """Draw one id per row from logits (B, V); temperature 0 is greedy (argmax).
-
-    With top-k or top-p the draw runs over the sorted candidates only (B, k), which is much cheaper
-    than a draw over a 64,000-entry vocabulary. `generator` may be one per row (a list of B): row i's
-    draw then depends on its own generator only, whatever else is in the batch.
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != logits.shape[0]:
-            raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows")
-        return torch.cat([sample_logits(logits[i : i + 1], temperature=temperature, top_k=top_k, top_p=top_p,
-                                        generator=g) for i, g in enumerate(generator)])
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    ids = None  # candidate ids, sorted by decreasing logit; None: the whole vocabulary in order
-    if top_k is not None and top_k < logits.shape[-1]:
-        logits, ids = torch.topk(logits, top_k, dim=-1)  # (B, k)
-    if top_p is not None and top_p < 1.0:
-        if ids is None:
-            logits, ids = torch.sort(logits, dim=-1, descending=True)
-        probs = logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > top_p  # mass before this id already exceeds top_p
-        logits = logits.masked_fill(outside, float("-inf"))
-    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)  # (B, 1)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(1)
 
 
 class Generator(nn.Module):
@@ -296,6 +179,8 @@ class Generator(nn.Module):
         tokens: torch.Tensor | Sequence[torch.Tensor],
         cond: Condition,
         generator: torch.Generator | None = None,
+        *,
+        plan: PackPlan | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the real tokens of a ragged batch.
 
@@ -305,7 +190,11 @@ class Generator(nn.Module):
                 shorter than K is also taught to end: the target after its last token is EOS.
             cond: B conditions; in training mode each is replaced by the null one with
                 `config.cond_dropout_prob`, drawn from `generator`.
+            plan: run the sequences packed as this plan places them (`forward_packed`): the same
+                loss, computed on the plan's rows. Through `forward` so that DDP and FSDP see the call.
         """
+        if plan is not None:
+            return self.forward_packed(tokens, cond, generator, plan=plan).loss
         prefix, prefix_mask = self.embed_condition(cond, train=self.training, generator=generator)
         targets = self._targets(tokens, prefix)  # (B, T)
         inputs = targets[:, :-1].clamp(min=0)  # padding never reaches a real target (causality)
@@ -333,13 +222,16 @@ class Generator(nn.Module):
         generator: torch.Generator | None = None,
         *,
         row_length: int | None = None,
+        plan: PackPlan | None = None,
     ) -> PackedLoss:
         """`forward`'s loss with the sequences packed into rows of `row_length` positions (default: the
         longest sequence) instead of padded to the longest: the same value, less padding.
 
         Each sequence is its condition prefix and its token inputs (L + n - 1 positions); attention
         never crosses a sequence boundary and rotary positions restart per sequence
-        (`flextok.packing`). The CFG drop uses `generator` as `forward` does.
+        (`flextok.packing`). The CFG drop uses `generator` as `forward` does. `plan` (made on the host
+        by a batcher, `training.batching`) places the sequences instead of first-fit decreasing here,
+        and saves the device sync of reading their lengths.
         """
         prefix, prefix_mask = self.embed_condition(cond, train=self.training, generator=generator)
         targets = self._targets(tokens, prefix)  # (B, T)
@@ -347,7 +239,11 @@ class Generator(nn.Module):
         inputs = torch.cat([prefix, self.gpt.tok_emb(targets[:, :-1].clamp(min=0)).to(prefix.dtype)], 1)  # (B, L+T-1, D)
         seq_targets = F.pad(targets, (L - 1, 0), value=IGNORE_INDEX)  # (B, L+T-1): position p predicts this
         lengths = L - 1 + (targets != IGNORE_INDEX).sum(dim=1)  # (B,) positions per sequence
-        plan = plan_packing(lengths.tolist(), row_length or int(lengths.max()))
+        if plan is None:
+            plan = plan_packing(lengths.tolist(), row_length or int(lengths.max()))
+        elif lengths.device.type == "cpu" and plan.lengths != lengths.tolist():  # no device sync on accelerators
+            raise ValueError(f"the packing plan is for sequences of {plan.lengths[:8]} positions, the batch has "
+                             f"{lengths.tolist()[:8]}")
         key_valid = None
         if prefix_mask is not None:
             keys = torch.cat([prefix_mask, prefix_mask.new_ones(B, inputs.shape[1] - L)], 1)  # (B, L+T-1)
@@ -366,7 +262,6 @@ class Generator(nn.Module):
                           padding_fraction=plan.padding_fraction, num_rows=plan.num_rows)
 
     # Sampling ------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(
         self,
         cond: Condition,
@@ -395,54 +290,8 @@ class Generator(nn.Module):
                 depend on the rest of the batch: batched generation equals one row at a time).
             use_kv_cache: False recomputes the whole sequence every step (reference and benchmark).
         """
-        num_tokens = self.config.max_tokens if num_tokens is None else int(num_tokens)
-        if not 1 <= num_tokens <= self.config.max_tokens:
-            raise ValueError(f"num_tokens must be in 1..{self.config.max_tokens}, got {num_tokens}")
-        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise ValueError("need temperature >= 0, top_k >= 1 and 0 < top_p <= 1")
-        prefix, prefix_mask = self.embed_condition(cond)
-        B = prefix.shape[0]
-        per_row = isinstance(generator, (list, tuple))
-        if per_row and len(generator) != B:
-            raise ValueError(f"{len(generator)} generators for {B} conditions")
-        if cfg_scale is not None:  # rows [cond ; uncond], one forward for both
-            null_prefix, null_mask = self.null_condition(B)
-            prefix = torch.cat([prefix, null_prefix.to(prefix.dtype)])  # (2B, L, D)
-            if prefix_mask is not None:
-                prefix_mask = torch.cat([prefix_mask, null_mask])  # (2B, L)
-        eos = self.config.eos_id
-        out = torch.full((B, num_tokens), PAD_ID, dtype=torch.long, device=prefix.device)
-        active = torch.arange(B, device=prefix.device)  # rows of `out` still generating
-        twice = (lambda x: x) if cfg_scale is None else (lambda x: torch.cat([x, x]))  # noqa: E731
-        if use_kv_cache:
-            logits, cache = self.gpt.prefill(prefix, prefix_mask, num_tokens=num_tokens)
-        for j in range(num_tokens):
-            if not use_kv_cache:
-                inputs = twice(out[active, :j])
-                logits = self.gpt.next_token_logits(prefix, inputs, prefix_mask)
-            if cfg_scale is not None:
-                cond_logits, uncond_logits = logits.float().chunk(2)
-                logits = cond_logits + (cfg_scale - 1.0) * (cond_logits - uncond_logits)
-            if eos is not None and j == 0:  # every sequence holds at least one token
-                logits = logits.float().index_fill(-1, torch.tensor([eos], device=logits.device), float("-inf"))
-            rows_gen = [generator[i] for i in active.tolist()] if per_row else generator
-            step = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=rows_gen)
-            if eos is not None:
-                going = step != eos  # (n,)
-                out[active[going], j] = step[going]
-                if not bool(going.all()):  # finished rows leave the batch, its prefix and its cache
-                    active, step, keep = active[going], step[going], twice(going)
-                    prefix = prefix[keep]
-                    prefix_mask = prefix_mask[keep] if prefix_mask is not None else None
-                    if use_kv_cache:
-                        cache.select(keep)
-                    if active.numel() == 0:
-                        break
-            else:
-                out[:, j] = step
-            if use_kv_cache and j + 1 < num_tokens:
-                logits = self.gpt.decode_step(twice(step), cache)
-        return out
+        return generate_tokens(self, cond, num_tokens=num_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               cfg_scale=cfg_scale, generator=generator, use_kv_cache=use_kv_cache)
 
     # Checkpoints ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:

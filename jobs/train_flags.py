@@ -62,6 +62,23 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="torch threads per worker (default: the node's CPUs shared by the workers)")
 
 
+def add_token_budget_args(p: argparse.ArgumentParser) -> None:
+    """Token-budget batches (generators of variable-length rows)."""
+    from training.batching import BATCHINGS
+
+    g = p.add_argument_group("token-budget batches")
+    g.add_argument("--token-budget", type=positive_int, default=None, metavar="N",
+                   help="fill each optimizer step with N sequence positions over all workers (split like "
+                   "--batch-size) instead of --batch-size rows: variable-length rows cost what they hold")
+    g.add_argument("--batching", choices=BATCHINGS, default=None,
+                   help="how a --token-budget is spent: bucketed (rows of similar length padded together; the "
+                   "default, the fastest measured: BENCHMARKS.md), packed (several sequences per row, attention "
+                   "never crossing one; rows of --pack-length) or padded (rows in stream order, padded to the longest)")
+    g.add_argument("--pack-length", type=positive_int, default=None, metavar="S",
+                   help="positions per packed row (default: the longest sequence, condition + K tokens); longer "
+                   "rows leave less room unfilled, at the cost of attention over longer rows")
+
+
 def add_val_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
     p.add_argument(flag, default=None, metavar="SRC",
                    help=f"held-out {what}: the EMA model's loss on them (fixed noise) is logged at every checkpoint")
@@ -85,5 +102,6 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         use_gpu=args.gpus, cpus_per_worker=args.cpus_per_worker, threads=args.threads,
         max_failures=args.max_failures, shuffle_buffer=args.shuffle_buffer, strategy=args.strategy,
         activation_checkpointing=args.activation_checkpointing, grad_accum=args.grad_accum, compile=args.compile,
-        peak_tflops=args.peak_tflops,
+        peak_tflops=args.peak_tflops, token_budget=getattr(args, "token_budget", None),
+        batching=getattr(args, "batching", None), pack_length=getattr(args, "pack_length", None),
     )

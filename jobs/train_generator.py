@@ -30,7 +30,7 @@ MAX_INFERRED_CLASSES = 100_000  # a larger id without --num-classes is a broken 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.train_flags import add_init_arg, add_train_args, add_val_args
+    from jobs.train_flags import add_init_arg, add_token_budget_args, add_train_args, add_val_args
     from training.settings import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     # of the corpus, so tokens written in class order still give batches of many classes.
     add_train_args(p, TrainConfig(lr=1e-3, batch_size=64, max_steps=2000, warmup_steps=100, weight_decay=0.05,
                                   shuffle_buffer=65536))
+    add_token_budget_args(p)
     add_init_arg(p, "generator")
     add_val_args(p, "--val-tokens", "token rows (a `flextok tokenize` output of held-out images, same tokenizer)")
     return p
@@ -185,7 +186,18 @@ def _run(args: argparse.Namespace) -> int:
     data = inspect_tokens(store)
     init_path, init_local, init_sha256 = resolve_init(args.init, args.storage_options)
     config = init_config(args, data, init_local) if init_path else generator_config(args, data)
-    if data.num_rows < cfg.batch_size:
+    if cfg.token_budget is not None:
+        if cfg.pack_length is not None and cfg.pack_length < config.max_seq_len:
+            raise ValueError(f"--pack-length {cfg.pack_length} is shorter than the longest sequence "
+                             f"({config.max_seq_len} positions: condition + K tokens)")
+        row = cfg.pack_length or config.max_seq_len
+        if cfg.micro_token_budget < row:
+            parts = cfg.num_workers * cfg.grad_accum
+            raise ValueError(f"--token-budget {cfg.token_budget} leaves {cfg.micro_token_budget} positions per micro-batch "
+                             f"({cfg.num_workers} worker(s) x {cfg.grad_accum} accumulation steps), fewer than a "
+                             f"{'packed row' if cfg.pack_length else 'longest sequence'}'s {row}; use at least "
+                             f"{row * parts}")
+    elif data.num_rows < cfg.batch_size:
         raise ValueError(f"{args.tokens} holds {data.num_rows} token rows, fewer than --batch-size {cfg.batch_size}")
     md = data.metadata
     class_names = tuple(md.get("class_names") or ()) if args.cond == "class" else ()

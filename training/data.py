@@ -307,6 +307,11 @@ class _Prefetch:
         self._stop.set()
 
 
+def prefetched(items: Iterator[Any], depth: int = 2) -> _Prefetch:
+    """Any stream of (batch, position) pairs made in a thread `depth` items ahead, as `batch_stream`'s are."""
+    return _Prefetch(items, depth)
+
+
 def batch_stream(stream: RowStream, collate: Any, batch_size: int, *, pin_memory: bool = False,
                  depth: int = 2) -> _Prefetch:
     """The row stream as (batch, position after it) pairs, collated in a thread `depth` batches ahead.

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.data import VAL, Position, RowStream, batch_stream, resume_position
+from training.data import VAL, Position, RowStream, batch_stream, prefetched, resume_position
 from training.runs import TB_DIR, checkpoint_dir_name, grid_name, open_run
 from training.settings import TrainConfig
 from training.trainer import Trainer, _autocast
@@ -92,14 +92,21 @@ class _Monitor:
         """Throughput windows start when data flows (not while the Ray Dataset starts up)."""
         self.window_start, self.window_step = time.perf_counter(), self.trainer.step
 
-    def log(self, loss: float, grad_norm: float, lr: float, items: int) -> None:
-        """One progress line and its TensorBoard scalars; `items` counts all workers since the last log."""
+    def log(self, loss: float, grad_norm: float, lr: float, items: int, positions: tuple[float, float] = (0, 0)) -> None:
+        """One progress line and its TensorBoard scalars; `items` counts all workers since the last log,
+        `positions` (computed, real) the sequence positions of those steps (padding = the difference)."""
         t = self.trainer
         now = time.perf_counter()
         rate = items / max(now - self.window_start, 1e-9)
+        steps = max(t.step - self.window_step, 1)
         steps_per_s = (t.step - self.window_step) / max(now - self.window_start, 1e-9)
         item = self.spec.task.item_name
-        scalars = [("loss", loss), ("lr", lr), ("grad_norm", grad_norm), (f"{item}_per_second", rate)]
+        scalars = [("loss", loss), ("lr", lr), ("grad_norm", grad_norm), (f"{item}_per_second", rate),
+                   (f"{item}_per_step", items / steps)]
+        computed, real = positions
+        padding = 1.0 - real / computed if computed else None
+        if padding is not None:
+            scalars.append(("padding_fraction", padding))
         mfu = self.mfu(rate)
         if mfu is not None:
             scalars.append(("mfu", mfu))
@@ -107,8 +114,9 @@ class _Monitor:
             self.writer.add_scalar(f"train/{name}", value, t.step)
         eta = (self.spec.train.max_steps - t.step) / steps_per_s if steps_per_s > 0 else float("nan")
         log.info(
-            "%s step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.1f %s/s%s | eta %s",
-            self.spec.task.name, t.step, self.spec.train.max_steps, loss, lr, grad_norm, rate, item,
+            "%s step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.1f %s/s | %.0f %s/step%s%s | eta %s",
+            self.spec.task.name, t.step, self.spec.train.max_steps, loss, lr, grad_norm, rate, item, items / steps,
+            item, f" | padding {100 * padding:.1f}%" if padding is not None else "",
             f" | MFU {100 * mfu:.1f}%" if mfu is not None else "", _duration(eta),
         )
         self.start_window()
@@ -182,6 +190,28 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _budget_stream(spec: LoopSpec, task: Any, cfg: TrainConfig, rank: int, world: int, saved: dict[str, Any] | None):
+    """This worker's token-budget micro-batches (`training.batching.budget_batches` over its `RowStream`) as
+    (batch, position) pairs made in a thread ahead. A position is the row stream's before the micro-batch's
+    window plus the micro-batches of the window taken: a resume starts the row stream there and skips those."""
+    from training.batching import budget_batches
+
+    skip = 0
+    if saved is not None:  # [epoch, window, row, micro-batches taken] per worker
+        skip = saved["positions"][rank][3]
+        saved = {**saved, "positions": [p[:3] for p in saved["positions"]]}
+    position = resume_position(saved, spec.source.num_units, rank, world, 0)
+    stream = RowStream(spec.source, seed=cfg.seed, rank=rank, world_size=world, window_rows=cfg.shuffle_buffer,
+                       position=position)
+    items = budget_batches(stream, task.collate_fn(), task.sequence_costs, budget=cfg.micro_token_budget,
+                           batching=cfg.batching, row_length=cfg.pack_length or task.row_length, seed=cfg.seed,
+                           skip=skip)
+    if cfg.use_gpu:
+        items = (({k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, where)
+                 for batch, where in items)
+    return prefetched(items)
+
+
 def _maybe_crash(spec: LoopSpec, step: int, rank: int) -> None:
     """Test-only: a real process death of rank 0 at `crash_at_step`, once (the marker remembers)."""
     if spec.crash_at_step != step or rank != 0 or not spec.crash_marker or os.path.exists(spec.crash_marker):
@@ -220,22 +250,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             log.info("%s resumed from step %d (loss %s)", task.name, state["step"], state["loss"])
     trainer.reseed(rank)
-    position = resume_position(trainer.data_position, spec.source.num_units, rank, world, trainer.step)
     monitor = _Monitor(spec, trainer, world) if rank == 0 else None
-    stream = RowStream(spec.source, seed=cfg.seed, rank=rank, world_size=world, window_rows=cfg.shuffle_buffer,
-                       position=position)
-    batches = batch_stream(stream, task.collate_fn(), cfg.micro_batch_size, pin_memory=cfg.use_gpu)
+    if cfg.token_budget is not None:
+        batches = _budget_stream(spec, task, cfg, rank, world, trainer.data_position)
+    else:
+        position = resume_position(trainer.data_position, spec.source.num_units, rank, world, trainer.step)
+        stream = RowStream(spec.source, seed=cfg.seed, rank=rank, world_size=world, window_rows=cfg.shuffle_buffer,
+                           position=position)
+        batches = batch_stream(stream, task.collate_fn(), cfg.micro_batch_size, pin_memory=cfg.use_gpu)
     val_shard = ray.train.get_dataset_shard(VAL) if spec.has_val and rank == 0 else None
     reference = None
-    sums = torch.zeros(3, device=device)  # loss, grad norm, items since the last log
+    sums = torch.zeros(5, device=device)  # loss, grad norm, items, computed and real positions since the last log
     count = 0
     attempt_start = time.perf_counter()
     seconds_before = trainer.train_seconds
     grid_done_at = -1
     if rank == 0:
-        log.info("%s: %d worker(s) (%s) on %s, batch %d per worker (%d x %d), steps %d -> %d",
-                 task.name, world, cfg.strategy, device, cfg.worker_batch_size, cfg.grad_accum,
-                 cfg.micro_batch_size, trainer.step, cfg.max_steps)
+        if cfg.token_budget is not None:
+            per_worker = f"{cfg.token_budget // world} positions per worker ({cfg.grad_accum} x {cfg.micro_token_budget}, {cfg.batching})"
+        else:
+            per_worker = f"batch {cfg.worker_batch_size} per worker ({cfg.grad_accum} x {cfg.micro_batch_size})"
+        log.info("%s: %d worker(s) (%s) on %s, %s, steps %d -> %d", task.name, world, cfg.strategy, device,
+                 per_worker, trainer.step, cfg.max_steps)
     while trainer.step < cfg.max_steps:
         micro = []
         for _ in range(cfg.grad_accum):
@@ -247,7 +283,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 monitor.start_window()
         loss, grad_norm, lr = trainer.train_step(*micro)
         num_items = float(sum(task.num_items(b) for b in micro))
-        sums += torch.stack([loss, grad_norm, torch.tensor(num_items, device=device)])
+        counted = [task.positions(b) or (0, 0) for b in micro]
+        host = torch.tensor([num_items, sum(c[0] for c in counted), sum(c[1] for c in counted)], dtype=torch.float32)
+        sums += torch.cat([torch.stack([loss, grad_norm]), host.to(device, non_blocking=True)])
         count += 1
         trainer.train_seconds = seconds_before + time.perf_counter() - attempt_start
         _maybe_crash(spec, trainer.step, rank)
@@ -256,11 +294,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if step % cfg.log_every == 0 or is_checkpoint:  # checkpoints carry up-to-date counters
             if world > 1:  # every rank reaches this step: the collective is safe
                 torch.distributed.all_reduce(sums)
-            loss_sum, norm_sum, items = sums.tolist()
+            loss_sum, norm_sum, items, computed, real = sums.tolist()
             trainer.last_loss = loss_sum / (count * world)
             trainer.items_seen += int(items)
             if monitor is not None:
-                monitor.log(trainer.last_loss, norm_sum / (count * world), lr, int(items))
+                monitor.log(trainer.last_loss, norm_sum / (count * world), lr, int(items), (computed, real))
             sums.zero_()
             count = 0
         is_grid = bool(cfg.grid_every) and step % cfg.grid_every == 0

@@ -47,10 +47,16 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size / num_workers / grad_accum each)
     compile: bool = False  # torch.compile each block
     peak_tflops: float | None = None  # per device, for MFU (default: known GPUs by name; none on CPUs)
+    # Token-budget batches (generators): positions per optimizer step over all workers instead of
+    # `batch_size` rows, spent by `batching` (`training.batching`: bucketed, packed or padded; default bucketed).
+    token_budget: int | None = None
+    batching: str | None = None
+    pack_length: int | None = None  # positions per packed row (default: the longest sequence)
 
     # A re-run resumes only with the same values of these (the optimisation would differ otherwise).
     RESUME_KEYS = ("max_steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                   "beta1", "beta2", "grad_clip", "ema_decay", "seed", "shuffle_buffer")
+                   "beta1", "beta2", "grad_clip", "ema_decay", "seed", "shuffle_buffer", "token_budget",
+                   "batching", "pack_length")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers"):
@@ -78,6 +84,20 @@ class TrainConfig:
             raise ValueError("cpus_per_worker must be > 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1")
+        if self.token_budget is None:
+            if self.batching is not None or self.pack_length is not None:
+                raise ValueError("batching (packed, bucketed, padded) and pack_length need a token budget")
+        else:
+            from training.batching import BATCHINGS
+
+            object.__setattr__(self, "batching", self.batching or "bucketed")  # measured faster: BENCHMARKS.md
+            if self.batching not in BATCHINGS:
+                raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
+            if self.pack_length is not None and (self.batching != "packed" or self.pack_length < 1):
+                raise ValueError("pack_length (>= 1) is for packed batches")
+            if self.token_budget < 1 or self.token_budget % (self.num_workers * self.grad_accum):
+                raise ValueError(f"token budget {self.token_budget} does not split evenly over {self.num_workers} "
+                                 f"workers x {self.grad_accum} accumulation steps")
 
     @property
     def worker_batch_size(self) -> int:
@@ -88,6 +108,11 @@ class TrainConfig:
     def micro_batch_size(self) -> int:
         """Rows in one forward/backward pass (`worker_batch_size / grad_accum`)."""
         return self.worker_batch_size // self.grad_accum
+
+    @property
+    def micro_token_budget(self) -> int | None:
+        """Positions in one forward/backward pass (`token_budget / num_workers / grad_accum`)."""
+        return None if self.token_budget is None else self.token_budget // (self.num_workers * self.grad_accum)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,6 +39,8 @@ class TrainTask(Protocol):
     def prepare_batch(self, batch: Any, device: torch.device) -> Any: ...
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
     def num_items(self, batch: Any) -> int: ...
+    def loss_weight(self, batch: Any) -> int | None: ...  # targets the loss averages (None: batches weigh alike)
+    def positions(self, batch: Any) -> tuple[int, int] | None: ...  # (computed, real) positions: padding
     def save_pretrained(self, model: nn.Module, path: Path, *, step: int) -> None: ...
     def grid(self, model: nn.Module, reference: Any) -> tuple[torch.Tensor, list[str], list[str]] | None: ...
     def describe(self) -> dict[str, Any]: ...
@@ -107,6 +109,12 @@ class TokenizerTask:
 
     def num_items(self, images) -> int:
         return int(images.shape[0])
+
+    def loss_weight(self, images) -> None:
+        return None  # every image weighs alike: micro-batches of equal size weigh alike
+
+    def positions(self, images) -> None:
+        return None  # images are never padded
 
     def save_pretrained(self, model, path, *, step: int) -> None:
         from flextok.checkpoint import SAME_TOKENS_KEY
@@ -221,6 +229,18 @@ class GeneratorTask:
         block = 2 * (4 * D * D + 3 * D * c.mlp_hidden_dim) + 2 * 2 * (T / 2) * D
         return 3.0 * (c.depth * block + 2 * D * c.vocab_size)
 
+    @property
+    def row_length(self) -> int:
+        """Positions of the longest sequence: condition + K tokens (a packed row's length)."""
+        return self.config.max_seq_len
+
+    def sequence_costs(self, lengths):
+        """Tokens per row (n,) -> positions per sequence (`training.batching.sequence_cost`, vectorised)."""
+        from training.batching import sequence_cost
+
+        c = self.config
+        return sequence_cost(lengths, prefix_len=c.num_prefix_tokens, max_tokens=c.max_tokens, use_eos=c.use_eos)
+
     def example_batch(self, batch_size: int, device) -> dict[str, Any]:
         """A prepared batch of full-length rows (the memory plan runs it on the meta device)."""
         if self.config.cond != "class":
@@ -233,18 +253,40 @@ class GeneratorTask:
         return TokenCollate(labels=self.config.cond == "class", captions=self.config.cond == "text")
 
     def prepare_batch(self, batch, device) -> dict[str, Any]:
-        out = {"num_tokens": int(batch["lengths"].sum()), **batch_to_device(batch, device)}
-        if self.config.cond == "class":
+        """Collated rows -> tensors on the device, with host-side counts: tokens, loss targets, and the
+        positions computed vs the positions sequences fill (packed or padded: the padding)."""
+        c = self.config
+        lengths = batch["lengths"]  # (B,) on the host
+        eos = (lengths < c.max_tokens) if c.use_eos else torch.zeros_like(lengths, dtype=torch.bool)
+        targets = int(lengths.sum()) + int(eos.sum())
+        budget = batch.get("budget_batch")
+        if budget is not None and budget.plan is not None:
+            computed = budget.positions  # packed rows (R, S)
+        else:  # padded to the longest row (`Generator.forward`)
+            longest = int(lengths.max())
+            computed = len(lengths) * (c.num_prefix_tokens - 1 + longest + int(c.use_eos and longest < c.max_tokens))
+        out = {"num_tokens": int(lengths.sum()), "num_targets": targets,
+               "positions": (computed, targets + len(lengths) * (c.num_prefix_tokens - 1)),
+               **batch_to_device(batch, device)}
+        if c.cond == "class":
             out["cond"] = out["label"]
         else:
             out["cond"] = encode_captions(self._encoder(device), batch["caption"])
         return out
 
     def loss(self, model, batch, generator):
-        return model(batch["tokens"], batch["cond"], generator=generator)
+        budget = batch.get("budget_batch")
+        plan = budget.plan if budget is not None else None
+        return model(batch["tokens"], batch["cond"], generator=generator, plan=plan)
 
     def num_items(self, batch) -> int:
         return batch["num_tokens"]
+
+    def loss_weight(self, batch) -> int | None:
+        return batch.get("num_targets")  # None for a batch not made by `prepare_batch` (tests, memory plan)
+
+    def positions(self, batch) -> tuple[int, int]:
+        return batch["positions"]
 
     def save_pretrained(self, model, path, *, step: int) -> None:
         extra: dict[str, Any] = {"step": step}

@@ -148,18 +148,34 @@ class Trainer:
         self.rng.manual_seed(noise_seed(self.cfg.seed, self.rank, self.step))
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        weights = self._loss_weights(micro_batches)
         for i, batch in enumerate(micro_batches):
             with self._sync_gradients(i == len(micro_batches) - 1), _autocast(self.device):
                 loss = self.task.loss(self.module, batch, self.rng)
-                (loss / len(micro_batches)).backward()
-            total += loss.detach().float()
+                (loss * weights[i]).backward()
+            total += loss.detach().float() * weights[i]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
         self.optimizer.step()
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
-        return total / len(micro_batches), grad_norm.detach().float(), lr
+        return total, grad_norm.detach().float(), lr
+
+    def _loss_weights(self, micro_batches: tuple[Any, ...]) -> torch.Tensor:
+        """(M,) weights of the micro-batches' mean losses, so that the step's gradient is that of the mean
+        over every loss target of the step on all workers (variable-length and token-budget batches hold
+        different numbers of targets). The workers' gradients are averaged (DDP, FSDP): a worker's weights
+        are its share of the targets times the world size. Equal weights 1/M when the task counts none."""
+        counts = [self.task.loss_weight(b) for b in micro_batches]
+        if any(c is None for c in counts):
+            return torch.full((len(micro_batches),), 1.0 / len(micro_batches), device=self.device)
+        counts_t = torch.tensor(counts, dtype=torch.float32).to(self.device, non_blocking=True)  # (M,)
+        total = counts_t.sum()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:  # a collective, no host sync
+            dist.all_reduce(total)
+        return counts_t * world / total
 
     @property
     def ema_model(self) -> nn.Module:

@@ -248,6 +248,54 @@ def test_class_generator_on_two_gloo_ddp_workers(ray_local, token_data, tmp_path
     assert [p.name for p in (run / "grids").iterdir()] == ["step_0000003.png"]  # decoded by the tokenizer file
     job = json.loads((run / "job.json").read_text())
     assert job["resources"]["num_workers"] == 2 and job["model"]["tokenizer_sha256"] == model.tokenizer_sha256
+    # rows of 1..32 tokens padded to the longest of each batch: the padding is in the logs
+    from run_helpers import scalars
+
+    padding = scalars(run, "train/padding_fraction")
+    assert [step for _, step, _ in padding] == [1, 2, 3] and all(0.2 < value < 1 for *_, value in padding)
+
+
+def killed_and_uninterrupted(tmp_path, monkeypatch, argv: list[str]):
+    """The same run twice: uninterrupted (RUN `whole`), and with rank 0 killed at step 3 then resumed (`run`)."""
+    from training.loop import CRASH_MARKER_ENV, CRASH_STEP_ENV
+
+    run, marker, whole = tmp_path / "run", tmp_path / "killed", tmp_path / "whole"
+    assert main(["--output", str(whole), *argv]) == 0
+    monkeypatch.setenv(CRASH_STEP_ENV, "3")
+    monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
+    assert main(["--output", str(run), *argv]) == 0
+    assert marker.read_text().startswith("killed at step 3")
+    return run, whole
+
+
+@pytest.mark.slow
+def test_token_budget_packs_on_two_fsdp_workers_and_resumes_exactly(ray_local, token_data, tmp_path, monkeypatch,
+                                                                     capsys):
+    """--token-budget on 2 gloo workers with FSDP and 2 accumulation steps: each worker's rows have other
+    lengths, so other numbers of micro-batches per epoch, yet both run every step (the loop counts steps,
+    not epochs); rank 0 dies at step 3 and the re-run continues from checkpoint 2 with the losses of an
+    uninterrupted run, bit for bit (the checkpoint holds each worker's window start and micro-batches
+    taken); the padding is logged."""
+    from run_helpers import scalars
+
+    argv = ["--tokens", str(token_data["tokens"]), "--cond", "class", *SMALL, *FAST, "--eos", "--workers", "2",
+            "--strategy", "fsdp", "--grad-accum", "2", "--token-budget", "256", "--batching", "packed", "--pack-length", "64",
+            "--max-steps", "6", "--checkpoint-every", "2", "--grid-every", "0", "--max-failures", "1",
+            "--shuffle-buffer", "16"]
+    run, whole = killed_and_uninterrupted(tmp_path, monkeypatch, argv)
+    assert "train-generator: 6 steps" in capsys.readouterr().out
+    uninterrupted = {s: v for _, s, v in scalars(whole)}
+    resumed = {s: v for f, s, v in scalars(run) if f == 1}
+    assert sorted(resumed) == [3, 4, 5, 6] and resumed == {s: uninterrupted[s] for s in resumed}
+    position = json.loads((run / "checkpoint_00000004" / "train_state.json").read_text())["train_state"]["data_position"]
+    assert all(len(p) == 4 and p[3] >= 1 for p in position["positions"]), position  # window start + taken
+    padding = scalars(whole, "train/padding_fraction")
+    assert [s for _, s, _ in padding] == list(range(1, 7)) and all(0 <= v < 0.5 for *_, v in padding)
+    assert all(50 < v <= 256 for *_, v in scalars(whole, "train/tokens_per_step"))  # <= 4 x 64 positions
+    cut = argv.index("--pack-length")
+    padded = [a if a != "packed" else "padded" for a in argv[:cut] + argv[cut + 2:]]
+    assert main(["--output", str(run), *padded]) == 2  # a resume keeps its batching
+    assert "train.batching='packed'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -352,19 +400,13 @@ def test_fsdp_run_killed_resumes_from_its_sharded_checkpoint(ray_local, token_da
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     from flextok.checkpoint import load_checkpoint
-    from training.loop import CRASH_MARKER_ENV, CRASH_STEP_ENV
 
-    run, marker, whole = tmp_path / "run", tmp_path / "killed", tmp_path / "whole"
     # 48 rows in 2 files; windows of 16 rows over units of 1 row; 24 rows per worker per epoch, 4 per
     # step: the kill at step 3 is mid-window and mid-epoch, and the resumed run crosses into epoch 1.
     argv = ["--tokens", str(token_data["tokens"]), "--cond", "class", *SMALL, *FAST,
             "--workers", "2", "--strategy", "fsdp", "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "2",
             "--keep-checkpoints", "4", "--grid-every", "0", "--max-failures", "1", "--shuffle-buffer", "16"]
-    assert main(["--output", str(whole), *argv]) == 0
-    monkeypatch.setenv(CRASH_STEP_ENV, "3")
-    monkeypatch.setenv(CRASH_MARKER_ENV, str(marker))
-    assert main(["--output", str(run), *argv]) == 0
-    assert marker.read_text().startswith("killed at step 3")
+    run, whole = killed_and_uninterrupted(tmp_path, monkeypatch, argv)
     assert "train-generator: 8 steps" in capsys.readouterr().out
     uninterrupted = {s: v for _, s, v in scalars(whole)}
     resumed = {s: v for f, s, v in scalars(run) if f == 1}
