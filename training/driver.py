@@ -1,8 +1,8 @@
 """The driver: launch a run on Ray Train, resume a partial one, skip a finished one, export its model.
 
 Ray Train V2's `TorchTrainer` with `RunConfig(name, storage_path)` = RUN, so that re-running the
-same command resumes from RUN's newest checkpoint; `FailureConfig(max_failures)`; a worker's user
-error (bad data, bad settings) becomes one `ValueError`. Resources are sized against the cluster.
+same command resumes from RUN's newest checkpoint; `FailureConfig(max_failures)` (-1: retry every
+crash); a worker's user error (bad data, bad settings) ends the run at once as one `ValueError`. Resources are sized against the cluster.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from training.runs import (
     JOB_FILE,
     MODEL_FILE,
     SUMMARY_FILE,
+    USER_ERROR_FILE,
     check_job_settings,
     latest_checkpoint_step,
     open_run,
     ray_storage,
+    recorded_user_error,
     saved_train_state,
 )
 from training.settings import TrainConfig
@@ -61,16 +63,6 @@ def resolve_resources(cfg: TrainConfig) -> TrainConfig:
         per_node = max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
         threads = max(1, int(per_node) // cfg.num_workers)  # as if all workers shared the largest node
     return cfg.replace(cpus_per_worker=cpus, threads=threads)
-
-
-def _user_error(error: BaseException) -> ValueError | None:
-    """A worker's user error (bad data, bad settings) as one ValueError; None for real crashes."""
-    failures = getattr(error, "worker_failures", None) or {}
-    for failure in failures.values():
-        cause = getattr(failure, "cause", failure)
-        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
-            return ValueError(str(cause).strip().splitlines()[-1])
-    return None
 
 
 def run_training(
@@ -156,14 +148,19 @@ def run_training(
             datasets=datasets or None,
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # "val" goes whole to each worker
         )
+        if store.exists(USER_ERROR_FILE):  # a re-run after fixing the data or settings
+            store.rm(USER_ERROR_FILE)
         start = time.perf_counter()
         try:
             result = trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            user = _user_error(e)
+        except ray.train.TrainingFailedError:
+            user = recorded_user_error(store)
             if user is not None:
-                raise user from None
+                raise ValueError(user) from None
             raise
+        user = recorded_user_error(store)  # the retry after a worker's user error ends at once
+        if user is not None:
+            raise ValueError(user)
         if result.checkpoint is None:
             raise RuntimeError("training ended without a checkpoint")
         checkpoint_name = posixpath.basename(result.checkpoint.path.rstrip("/"))

@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from training.data import VAL, Position, RowStream, batch_stream, prefetched, resume_position
-from training.runs import TB_DIR, checkpoint_dir_name, grid_name, open_run
+from training.runs import (
+    TB_DIR,
+    checkpoint_dir_name,
+    grid_name,
+    open_run,
+    record_user_error,
+    recorded_user_error,
+    user_error_of,
+)
 from training.settings import TrainConfig
 from training.trainer import Trainer, _autocast
 
@@ -222,11 +230,34 @@ def _maybe_crash(spec: LoopSpec, step: int, rank: int) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The Ray Train worker function: resume, train to `max_steps`, checkpoint, log, grid."""
+    """The Ray Train worker function: resume, train to `max_steps`, checkpoint, log, grid.
+
+    A user error (bad data, bad settings: `training.runs.USER_ERRORS`) is recorded in RUN before the
+    worker dies; Ray Train's retry of the worker group then finds the record and every worker returns
+    at once, and the driver raises it as one line. Ray Train 2.60 has no public hook to make a worker
+    error non-retryable (`FailureConfig` counts every worker error alike, and -1 retries forever), so
+    this costs one restart of the worker group, never `max_failures` of them.
+    """
+    import ray.train
+
+    spec: LoopSpec = config["spec"]
+    store = open_run(spec.run_url, spec.storage_options)
+    if recorded_user_error(store) is not None:
+        return None  # an earlier attempt stopped on a user error: no retry can fix it
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        return _train(spec)
+    except Exception as e:
+        user = user_error_of(e)
+        if user is not None:
+            record_user_error(store, user, rank)
+        raise
+
+
+def _train(spec: LoopSpec) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    spec: LoopSpec = config["spec"]
     task, cfg = spec.task, spec.train
     _worker_logging(spec.quiet)
     ctx = ray.train.get_context()

@@ -16,6 +16,8 @@ The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
     grids/step_<step>.png     reconstruction or sample grids (rank 0)
     model.safetensors         the final EMA model
     train_summary.json        written last: the run is finished and a re-run does nothing
+    _user_error.json          while a run ends on a worker's user error (bad data, bad settings): the
+                              one line, so that Ray Train's retry ends at once (cleared by a re-run)
 
 Provenance: which tokenizer a generator's tokens come from, and whether another tokenizer checkpoint
 emits the same tokens (`keeps_tokens_of`), so that fine-tunes and grids use a tokenizer that speaks them.
@@ -45,6 +47,10 @@ SUMMARY_FILE = "train_summary.json"
 TB_DIR = "tensorboard"
 GRID_DIR = "grids"
 CHECKPOINT_PREFIX = "checkpoint_"
+USER_ERROR_FILE = "_user_error.json"
+# A worker's exception of these types (anywhere in its cause chain) is the user's: bad data or bad
+# settings, which no retry fixes. Anything else (a killed process, a lost node, a storage fault) is retried.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 
 
 def open_run(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputStore:
@@ -122,6 +128,34 @@ def newest_model(store: OutputStore) -> str:
 def latest_model_file(run: str | os.PathLike) -> Path:
     """A local run folder's model: RUN/model.safetensors when finished, else the newest checkpoint's EMA."""
     return Path(run) / newest_model(open_run(str(run)))
+
+
+def user_error_of(error: BaseException) -> BaseException | None:
+    """The user error (`USER_ERRORS`) in `error`'s cause chain (Ray's `.cause` included), or None."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and not any(current is s for s in seen) and len(seen) < 16:
+        if isinstance(current, USER_ERRORS):
+            return current
+        seen.append(current)
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    return None
+
+
+def record_user_error(store: OutputStore, error: BaseException, rank: int) -> None:
+    """A worker's user error, recorded in RUN before the worker dies (the first one recorded wins)."""
+    line = " ".join(str(error).split()) or type(error).__name__
+    store.create(USER_ERROR_FILE, json.dumps({"error": line, "type": type(error).__name__, "rank": rank}).encode())
+
+
+def recorded_user_error(store: OutputStore) -> str | None:
+    """The one line of a user error a worker recorded in RUN, or None."""
+    if not store.exists(USER_ERROR_FILE):
+        return None
+    try:
+        return str(store.read_json(USER_ERROR_FILE)["error"])
+    except (ValueError, KeyError, TypeError):
+        return "a training worker stopped on bad input (its record is unreadable)"
 
 
 def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
