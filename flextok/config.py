@@ -1,7 +1,10 @@
-"""Architecture configs for the FlexTok tokenizer, and the preset registry.
+"""Architecture configs for the FlexTok tokenizer, its training objective, and the preset registries.
 
 Owns: frozen, keyword-only dataclasses describing *architecture* only (no batch size, paths or
-learning rates: those live in job configs), their validation, JSON round trip, and the presets.
+learning rates: those live in job configs), their validation, JSON round trip, and the presets; and
+`TokenizerObjective`, how the tokenizer is trained (nested dropout, flow times, CFG drop), which is a
+training setting and not part of the architecture. Checkpoints written before the split recorded the
+objective inside the architecture config: `split_recorded` reads both back from such a dict.
 Does not own: building modules (see `flextok.tokenizer`) or checkpoint I/O (`flextok.checkpoint`).
 """
 
@@ -136,18 +139,6 @@ class FlexTokConfig:
     max_timestep: float = 1.0
     fsq: FSQConfig = field(default_factory=FSQConfig)
     vae: VAEConfig | None = None
-    nested_dropout_mode: str = "uniform"
-    # Fraction of training examples that keep all K registers (the rest draw k by the mode above).
-    full_k_fraction: float = 0.0
-    cond_dropout_prob: float = 0.1
-    time_sampling: str = "logit_normal"
-    # Fraction of training flow times drawn uniformly instead of logit-normally: logit-normal rarely
-    # samples t near 1, where the Euler sampler starts.
-    uniform_time_fraction: float = 0.0
-    # Fraction of training examples at exactly t = 1 (pure noise). There the decoder's one Euler step
-    # is the mean reconstruction given the tokens (MSE-optimal, highest PSNR), so these examples train
-    # the tokens and the decoder as a plain regression autoencoder on top of the flow objective.
-    noise_time_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         fsq, vae = self.fsq, self.vae
@@ -163,8 +154,7 @@ class FlexTokConfig:
             "encoder_dim": (1, WIDTH_LIMIT), "decoder_dim": (1, WIDTH_LIMIT), "head_dim": (1, 1024),
             "time_freq_dim": (2, 8192),
         })
-        check_float_fields(self, ("full_k_fraction", "cond_dropout_prob", "uniform_time_fraction",
-                                  "noise_time_fraction", "norm_eps", "time_max_period", "max_timestep"))
+        check_float_fields(self, ("norm_eps", "time_max_period", "max_timestep"))
         for name in ("image_size", "patch_size", "num_registers", "encoder_depth", "decoder_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FlexTokConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -176,18 +166,6 @@ class FlexTokConfig:
             raise ValueError(
                 f"latent size {self.latent_size} is not divisible by patch_size {self.patch_size}"
             )
-        if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
-            raise ValueError(f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}")
-        if self.time_sampling not in TIME_SAMPLING_MODES:
-            raise ValueError(f"time_sampling must be one of {TIME_SAMPLING_MODES}")
-        if not 0.0 <= self.cond_dropout_prob < 1.0:
-            raise ValueError("cond_dropout_prob must be in [0, 1)")
-        if not 0.0 <= self.uniform_time_fraction <= 1.0:
-            raise ValueError("uniform_time_fraction must be in [0, 1]")
-        if not 0.0 <= self.noise_time_fraction <= 1.0:
-            raise ValueError("noise_time_fraction must be in [0, 1]")
-        if not 0.0 <= self.full_k_fraction <= 1.0:
-            raise ValueError("full_k_fraction must be in [0, 1]")
         if not 0.0 < self.norm_eps < 0.1:
             raise ValueError(f"norm_eps must be in (0, 0.1), got {self.norm_eps}")
         if self.time_max_period <= 1.0 or self.max_timestep <= 0.0:
@@ -233,7 +211,10 @@ class FlexTokConfig:
         """A config as a checkpoint recorded it -> (config, predates_conventions). A checkpoint written
         before the numerical conventions were recorded (no `norm_eps`) was trained with
         `LEGACY_CONVENTIONS`: it gets those values, not today's defaults, and the caller must bring
-        its weights to the current adaLN chunk order (`flextok.decoder.legacy_adaln_to_official`)."""
+        its weights to the current adaLN chunk order (`flextok.decoder.legacy_adaln_to_official`).
+        Objective fields recorded inside it by older checkpoints are validated and left out
+        (`split_recorded` gives them)."""
+        data, _ = split_recorded(data)
         if "norm_eps" in data:
             return cls.from_dict(data), False
         return cls.from_dict(with_legacy_conventions(data)), True
@@ -248,6 +229,66 @@ class FlexTokConfig:
 
     def replace(self, **changes: Any) -> FlexTokConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerObjective:
+    """How a tokenizer is trained: a training setting, not architecture (a model trained under any
+    objective loads, tokenizes and decodes the same way).
+
+    Nested dropout keeps the first k of K registers with k drawn by `nested_dropout_mode` (uniform
+    over 1..K or over powers of two), except for a `full_k_fraction` of examples that keep all K.
+    `cond_dropout_prob` of examples see the null condition (what decoder guidance needs). Flow
+    times are drawn by `time_sampling`, with a `uniform_time_fraction` drawn uniformly instead
+    (logit-normal rarely samples t near 1, where the Euler sampler starts) and a
+    `noise_time_fraction` at exactly t = 1: there one decoder step is the mean reconstruction given
+    the tokens, so these examples train a plain regression autoencoder on top of the flow objective.
+    """
+
+    nested_dropout_mode: str = "uniform"
+    full_k_fraction: float = 0.0
+    cond_dropout_prob: float = 0.1
+    time_sampling: str = "logit_normal"
+    uniform_time_fraction: float = 0.0
+    noise_time_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_float_fields(self, ("full_k_fraction", "cond_dropout_prob", "uniform_time_fraction",
+                                  "noise_time_fraction"))
+        if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
+            raise ValueError(f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}")
+        if self.time_sampling not in TIME_SAMPLING_MODES:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLING_MODES}")
+        if not 0.0 <= self.cond_dropout_prob < 1.0:
+            raise ValueError("cond_dropout_prob must be in [0, 1)")
+        for name in ("full_k_fraction", "uniform_time_fraction", "noise_time_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenizerObjective:
+        unknown = set(data) - set(OBJECTIVE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown TokenizerObjective fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TokenizerObjective:
+        return dataclasses.replace(self, **changes)
+
+
+OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(TokenizerObjective))
+
+
+def split_recorded(data: dict[str, Any]) -> tuple[dict[str, Any], TokenizerObjective | None]:
+    """A recorded tokenizer config dict -> (its architecture fields, the objective recorded inside it
+    or None). Checkpoints and run folders written before the objective left the architecture config
+    hold both in one dict; a field missing there had its then default, which is today's."""
+    inside = {k: v for k, v in data.items() if k in OBJECTIVE_FIELDS}
+    arch = {k: v for k, v in data.items() if k not in OBJECTIVE_FIELDS}
+    return arch, (TokenizerObjective.from_dict(inside) if inside else None)
 
 
 # The numerical conventions of checkpoints written before they were recorded in the config (the
@@ -301,13 +342,28 @@ TOKENIZER_PRESETS: dict[str, FlexTokConfig] = {
         head_dim=32,
         fsq=FSQConfig(levels=(8, 5, 5, 5)),
         vae=None,
-        nested_dropout_mode="pow2",
-        uniform_time_fraction=0.25,
     ),
     "d12_d12": _paper(12, 12),
     "d18_d18": _paper(18, 18),
     "d18_d28": _paper(18, 28),
 }
+
+
+# How each preset trains by default (flags override): the tiny CPU demo with powers-of-two nested
+# dropout and a quarter of its flow times uniform; the paper's sizes with uniform k, logit-normal times
+# and a 10% null condition (what the official release's config names).
+TOKENIZER_OBJECTIVES: dict[str, TokenizerObjective] = {
+    "tiny": TokenizerObjective(nested_dropout_mode="pow2", uniform_time_fraction=0.25),
+    "d12_d12": TokenizerObjective(),
+    "d18_d18": TokenizerObjective(),
+    "d18_d28": TokenizerObjective(),
+}
+
+
+def get_objective(preset: str) -> TokenizerObjective:
+    """The default training objective of a preset."""
+    get_preset(preset)  # one clear error for an unknown name
+    return TOKENIZER_OBJECTIVES[preset]
 
 
 def get_preset(name: str) -> FlexTokConfig:

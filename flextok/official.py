@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from flextok.checkpoint import CheckpointError, resolve_weights_path
-from flextok.config import FlexTokConfig, FSQConfig, VAEConfig
+from flextok.config import FlexTokConfig, FSQConfig, TokenizerObjective, VAEConfig
 
 RELEASE_CONFIG = "config.json"
 _MAX_CONFIG_BYTES = 1 << 20
@@ -166,7 +166,6 @@ def infer_config(state: dict[str, torch.Tensor], release: dict[str, Any] | None 
         max_timestep=float(settings.get("max_timestep", 1.0)),
         fsq=FSQConfig(levels=tuple(levels)),
         vae=vae,
-        **{k: settings[k] for k in ("cond_dropout_prob", "nested_dropout_mode") if k in settings},
     )
     if release is not None:
         _check_shapes_agree(release, config)
@@ -188,6 +187,23 @@ def _require(entry: dict[str, Any], name: str, key: str, allowed: tuple, default
             f"release config: {name}.{key} = {value!r} is not supported here (supported: {list(allowed)})"
         )
     return value
+
+
+def release_objective(release: dict[str, Any] | None) -> TokenizerObjective | None:
+    """What a release's config.json says of how it was trained (the null-condition probability,
+    uniform nested dropout), as the objective a fine-tune starts from; None without a config.json."""
+    if release is None:
+        return None
+    _release_settings(release)  # refuses what is not computed the same way here
+
+    changes: dict[str, Any] = {}
+    null_cond = _module(release, "decoder", "dec_latent_dropout")
+    prob = null_cond.get("dropout_prob")
+    if isinstance(prob, (int, float)) and not isinstance(prob, bool) and 0 <= prob < 1:
+        changes["cond_dropout_prob"] = float(prob)
+    if _module(release, "decoder", "dec_nested_dropout").get("size_sampling_mode") == "uniform":
+        changes["nested_dropout_mode"] = "uniform"  # other modes keep ours
+    return TokenizerObjective(**changes)
 
 
 def _release_settings(release: dict[str, Any]) -> dict[str, Any]:
@@ -219,11 +235,6 @@ def _release_settings(release: dict[str, Any]) -> dict[str, Any]:
     time = _module(release, "decoder", "dec_time_embedder")
     if "max_timestep" in time:
         out["max_timestep"] = float(time["max_timestep"])
-    null_cond = _module(release, "decoder", "dec_latent_dropout")
-    if isinstance(null_cond.get("dropout_prob"), (int, float)) and 0 <= null_cond["dropout_prob"] < 1:
-        out["cond_dropout_prob"] = float(null_cond["dropout_prob"])  # training only
-    if _module(release, "decoder", "dec_nested_dropout").get("size_sampling_mode") == "uniform":
-        out["nested_dropout_mode"] = "uniform"  # training only; other modes keep ours
     regularizer = release.get("regularizer", {})
     if regularizer:
         if not str(regularizer.get("_target_", "")).endswith("FSQ"):

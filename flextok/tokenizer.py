@@ -8,6 +8,7 @@ the official key mapping in `flextok.official`, file I/O in `flextok.checkpoint`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +31,14 @@ from flextok.checkpoint import (
     resolve_weights_path,
     save_checkpoint,
 )
-from flextok.config import FlexTokConfig, get_preset
+from flextok.config import FlexTokConfig, TokenizerObjective, get_preset, split_recorded
 from flextok.decoder import Decoder, legacy_adaln_to_official
 from flextok.encoder import Encoder
 from flextok.fsq import FSQ
 from flextok.nested_dropout import sample_keep_k
 
 KIND = "FlexTok"
+OBJECTIVE_KEY = "objective"  # metadata: the objective a checkpoint was trained with (JSON), when recorded
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,28 @@ class FlexTok(nn.Module):
         if official.is_official_state_dict(shapes):
             return official.infer_config(shapes, official.read_release_config(path))
         return cls.from_pretrained(path).config  # neither: the full load gives the one-line error
+
+    @classmethod
+    def objective_of(cls, path: str | os.PathLike) -> TokenizerObjective | None:
+        """The objective a checkpoint was trained with, where it says (metadata only): ours record it
+        beside the config (`OBJECTIVE_KEY`), or, written before the objective left the architecture
+        config, inside it; an official release in its config.json. None when nothing is recorded."""
+        from flextok import official
+
+        metadata = read_metadata(path)
+        if metadata.get("kind") != KIND:
+            shapes = read_shapes(path)
+            if official.is_official_state_dict(shapes):
+                return official.release_objective(official.read_release_config(path))
+            cls.from_pretrained(path)  # neither: the one-line error
+        try:
+            if OBJECTIVE_KEY in metadata:
+                return TokenizerObjective.from_dict(json.loads(metadata[OBJECTIVE_KEY]))
+            return split_recorded(config_from_metadata(metadata, kind=KIND, path=path))[1]
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad tokenizer objective ({e})") from None
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor], *, fresh: Sequence[str] = ()) -> None:
         """Load every key exactly (names and shapes); a mismatch is an error listing the keys. The
@@ -333,24 +357,29 @@ class FlexTok(nn.Module):
         return flow.euler_sample(velocity, noise, steps=steps, guidance_scale=guidance_scale, apg=apg)
 
     # Training ------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """One training step's losses: {"loss", "flow_mse"} (and nothing that needs a host sync)."""
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None,
+        objective: TokenizerObjective | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One training step's losses under `objective` (default: `TokenizerObjective()`):
+        {"loss", "flow_mse"} (and nothing that needs a host sync)."""
         self._need_decoder()
         c = self.config
+        o = objective if objective is not None else TokenizerObjective()
         # The flow (time, noise, x_t, target) is formed in fp32 whatever the autocast: a bf16 VAE output
         # would otherwise round t = 0.9985 to 1.0 inside `add_noise` and quantise the noise and target.
         latents = self.images_to_latents(images).float()
         B = latents.shape[0]
         codes, _ = self.fsq(self.encoder(latents))
         keep_k = sample_keep_k(
-            B, c.num_registers, c.nested_dropout_mode, full_fraction=c.full_k_fraction, generator=generator,
+            B, c.num_registers, o.nested_dropout_mode, full_fraction=o.full_k_fraction, generator=generator,
             device=latents.device,
         )
         gen_device = generator.device if generator is not None else latents.device
-        drop = (torch.rand(B, generator=generator, device=gen_device) < c.cond_dropout_prob).to(latents.device)
+        drop = (torch.rand(B, generator=generator, device=gen_device) < o.cond_dropout_prob).to(latents.device)
         registers = self.decoder.embed_registers(codes, keep_k, drop)
         t = flow.sample_time(
-            B, mode=c.time_sampling, uniform_fraction=c.uniform_time_fraction, noise_fraction=c.noise_time_fraction,
+            B, mode=o.time_sampling, uniform_fraction=o.uniform_time_fraction, noise_fraction=o.noise_time_fraction,
             generator=generator, device=latents.device,
         )
         noise = flow.randn(tuple(latents.shape), generator=generator, device=latents.device)
@@ -361,7 +390,8 @@ class FlexTok(nn.Module):
 
 def _config_from_metadata(metadata: dict[str, str], path: Any) -> tuple[FlexTokConfig, bool]:
     """A checkpoint's recorded config, validated (types and bounds): a broken or hostile one is one line.
-    Also whether it predates the recorded numerical conventions (`FlexTokConfig.from_recorded`)."""
+    Also whether it predates the recorded numerical conventions (`FlexTokConfig.from_recorded`). An
+    objective recorded inside the config (older checkpoints) is validated too, and left out."""
     try:
         return FlexTokConfig.from_recorded(config_from_metadata(metadata, kind=KIND, path=path))
     except CheckpointError:

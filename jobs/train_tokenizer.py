@@ -28,17 +28,15 @@ DEFAULT_PRESET = "tiny"
 ARCH_FLAGS = {
     "image_size": "image_size", "patch_size": "patch_size", "num_registers": "num_registers",
     "encoder_depth": "encoder_depth", "encoder_dim": "encoder_dim", "decoder_depth": "decoder_depth",
-    "decoder_dim": "decoder_dim", "head_dim": "head_dim", "nested_dropout": "nested_dropout_mode",
-    "full_k_fraction": "full_k_fraction",
-    "time_sampling": "time_sampling", "uniform_time_fraction": "uniform_time_fraction",
-    "noise_time_fraction": "noise_time_fraction",
-    "cond_dropout": "cond_dropout_prob",
+    "decoder_dim": "decoder_dim", "head_dim": "head_dim",
 }
-# The flags that only change how the model trains: allowed with --init (fine-tuning).
-TRAINING_FLAGS = (
-    "nested_dropout", "full_k_fraction", "time_sampling", "uniform_time_fraction", "noise_time_fraction",
-    "cond_dropout",
-)
+# Objective flags -> TokenizerObjective fields (None = keep the preset's, or --init's, value); they only
+# change how the model trains, so they are allowed with --init (fine-tuning).
+OBJECTIVE_FLAGS = {
+    "nested_dropout": "nested_dropout_mode", "full_k_fraction": "full_k_fraction",
+    "time_sampling": "time_sampling", "uniform_time_fraction": "uniform_time_fraction",
+    "noise_time_fraction": "noise_time_fraction", "cond_dropout": "cond_dropout_prob",
+}
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -80,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", default=None, metavar="PATH",
                    help="weights of the frozen VAE of a latent-space preset (d12_d12, d18_d18, d18_d28): a "
                    "safetensors file or diffusers folder every worker can read; required by those presets")
+    g = p.add_argument_group("training objective (the preset's or --init's, then any override)")
     g.add_argument("--nested-dropout", choices=NESTED_DROPOUT_MODES, help="how k is drawn in training")
     g.add_argument("--full-k-fraction", type=finite_float,
                    help="fraction of examples that keep all K tokens (the rest draw k by --nested-dropout): "
@@ -104,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(args: argparse.Namespace, init_path: str | None = None):
     """The preset with the architecture flags applied, or with --init the checkpoint's own config
-    (only the training-behaviour flags may change it then)."""
+    (only --decoder-depth may grow it then)."""
     from flextok.config import FSQConfig, get_preset
 
     given = {flag for flag in ARCH_FLAGS if getattr(args, flag) is not None}
     if init_path is not None:
         from flextok import FlexTok
 
-        shaped = sorted(given - set(TRAINING_FLAGS) - {"decoder_depth"})
+        shaped = sorted(given - {"decoder_depth"})
         shaped += (["fsq_levels"] if args.fsq_levels is not None else []) + (["preset"] if args.preset is not None else [])
         if shaped:
             raise ValueError(f"--init takes the architecture from {init_path}; drop "
@@ -142,6 +141,21 @@ def model_config(args: argparse.Namespace, init_path: str | None = None):
     if args.fsq_levels is not None:
         changes["fsq"] = FSQConfig(levels=args.fsq_levels)
     return config.replace(**changes) if changes else config
+
+
+def objective(args: argparse.Namespace, init_path: str | None = None):
+    """The preset's training objective (or the one --init was trained with, where it says) with the
+    objective flags applied."""
+    from flextok.config import TokenizerObjective, get_objective
+
+    if init_path is not None:
+        from flextok import FlexTok
+
+        base = FlexTok.objective_of(init_path) or TokenizerObjective()
+    else:
+        base = get_objective(args.preset or DEFAULT_PRESET)
+    changes = {field: getattr(args, flag) for flag, field in OBJECTIVE_FLAGS.items() if getattr(args, flag) is not None}
+    return base.replace(**changes) if changes else base
 
 
 def _check_output(data: str, output: str) -> None:
@@ -194,6 +208,7 @@ def _run(args: argparse.Namespace) -> int:
 
         same_tokens = tuple(sorted(same_tokens_shas(init_local)))
     task = TokenizerTask(config=config, preset=None if init_path else args.preset or DEFAULT_PRESET,
+                         objective=objective(args, init_local),
                          grid_images=args.grid_images, grid_steps=args.grid_steps, init_path=init_path,
                          init_sha256=init_sha256, init_storage_options=dict(args.storage_options or {}),
                          same_tokens_as=same_tokens)

@@ -170,19 +170,30 @@ def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | N
     return None if old == new else (path, old, new)
 
 
+def _recorded_tokenizer(model: dict[str, Any]) -> dict[str, Any]:
+    """A tokenizer run's recorded model as today's runs record it. A run started before the numerical
+    conventions were recorded trained with the legacy ones: resuming it under today's would be another
+    model, so they count as recorded. A run started before the objective left the architecture config
+    recorded it inside the config (its missing fields had their then defaults, today's)."""
+    from flextok.config import TokenizerObjective, split_recorded, with_legacy_conventions
+
+    config, objective = split_recorded(model["config"])
+    if "norm_eps" not in config:
+        config = with_legacy_conventions(config)
+    model = {**model, "config": config}
+    if "objective" not in model:
+        model["objective"] = (objective or TokenizerObjective()).to_dict()
+    return model
+
+
 def check_job_settings(store: OutputStore, settings: dict[str, Any]) -> None:
     """A re-run must use the settings RUN was started with; the first run records them."""
     if not store.exists(JOB_FILE):
         return
     before = store.read_json(JOB_FILE)
     model = before.get("model")
-    if isinstance(model, dict) and model.get("kind") == "FlexTok" and isinstance(model.get("config"), dict) \
-            and "norm_eps" not in model["config"]:
-        # a tokenizer run started before the numerical conventions were recorded trained with the legacy
-        # ones: resuming it under today's would be another model, so they count as recorded
-        from flextok.config import with_legacy_conventions
-
-        before["model"] = {**model, "config": with_legacy_conventions(model["config"])}
+    if isinstance(model, dict) and model.get("kind") == "FlexTok" and isinstance(model.get("config"), dict):
+        before["model"] = _recorded_tokenizer(model)
     current = json.loads(json.dumps(settings))  # tuples -> lists, as stored
     found = _first_difference({k: before.get(k) for k in current}, current, "")
     if found:

@@ -51,8 +51,9 @@ class TrainTask(Protocol):
 class TokenizerTask:
     """The tokenizer's hooks for the training loop (shipped to every worker)."""
 
-    config: Any  # FlexTokConfig
+    config: Any  # FlexTokConfig: the architecture
     preset: str | None
+    objective: Any = None  # TokenizerObjective: how it trains (None: the defaults)
     grid_images: int = 8
     grid_steps: int = 25
     name: str = "tokenizer"
@@ -105,7 +106,7 @@ class TokenizerTask:
         return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W)
 
     def loss(self, model, images, generator):
-        return model(images, generator=generator)["loss"]
+        return model(images, generator=generator, objective=self.objective)["loss"]
 
     def num_items(self, images) -> int:
         return int(images.shape[0])
@@ -118,8 +119,9 @@ class TokenizerTask:
 
     def save_pretrained(self, model, path, *, step: int) -> None:
         from flextok.checkpoint import SAME_TOKENS_KEY
+        from flextok.tokenizer import OBJECTIVE_KEY
 
-        extra: dict[str, Any] = {"step": step}
+        extra: dict[str, Any] = {"step": step, OBJECTIVE_KEY: self._objective().to_dict()}
         if self.same_tokens_as:
             extra[SAME_TOKENS_KEY] = list(self.same_tokens_as)
         model.save_pretrained(path, extra=extra)
@@ -137,8 +139,14 @@ class TokenizerTask:
         recs = recs.view(len(ks), R, *recs.shape[1:]).transpose(0, 1)  # (R, len(ks), 3, H, W)
         return torch.cat([x[:, None], recs], dim=1), None, ["input"] + [f"k={k}" for k in ks]
 
+    def _objective(self):
+        from flextok.config import TokenizerObjective
+
+        return self.objective if self.objective is not None else TokenizerObjective()
+
     def describe(self) -> dict[str, Any]:
-        described = {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict()}
+        described = {"kind": "FlexTok", "preset": self.preset, "config": self.config.to_dict(),
+                     "objective": self._objective().to_dict()}
         if self.init_path is not None:
             described.update(init=self.init_path, init_sha256=self.init_sha256)
         if self.same_tokens_as:

@@ -121,14 +121,13 @@ def test_a_noise_time_fraction_of_examples_sits_exactly_at_pure_noise(noise, mod
 
 @pytest.mark.parametrize("field", ["noise_time_fraction", "full_k_fraction"])
 def test_training_fractions_are_validated_and_round_trip(field):
-    from flextok import FlexTokConfig
-    from flextok.config import get_preset
+    from flextok.config import TokenizerObjective, get_objective
 
-    config = get_preset("tiny").replace(**{field: 0.5})
-    assert FlexTokConfig.from_dict(config.to_dict()) == config
+    objective = get_objective("tiny").replace(**{field: 0.5})
+    assert TokenizerObjective.from_dict(objective.to_dict()) == objective
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=field):
-            get_preset("tiny").replace(**{field: bad})
+            get_objective("tiny").replace(**{field: bad})
 
 
 def test_cfg_hand_worked():

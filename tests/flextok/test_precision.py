@@ -65,14 +65,15 @@ def test_training_flow_is_formed_in_fp32_under_autocast(monkeypatch):
     assert seen["x_t"].dtype == torch.float32 and seen["t"].dtype == torch.float32
     # Replay the draws of `forward` from the same seed: keep-k, drop, time, then noise.
     from flextok import flow
+    from flextok.config import TokenizerObjective
     from flextok.nested_dropout import sample_keep_k
 
-    c = model.config
+    c, o = model.config, TokenizerObjective()  # forward's default objective
     gen = torch.Generator().manual_seed(0)
-    sample_keep_k(3, c.num_registers, c.nested_dropout_mode, full_fraction=c.full_k_fraction, generator=gen)
+    sample_keep_k(3, c.num_registers, o.nested_dropout_mode, full_fraction=o.full_k_fraction, generator=gen)
     torch.rand(3, generator=gen)
-    t = flow.sample_time(3, mode=c.time_sampling, uniform_fraction=c.uniform_time_fraction,
-                         noise_fraction=c.noise_time_fraction, generator=gen)
+    t = flow.sample_time(3, mode=o.time_sampling, uniform_fraction=o.uniform_time_fraction,
+                         noise_fraction=o.noise_time_fraction, generator=gen)
     noise = torch.randn(bf16_latents.shape, generator=gen)
     assert torch.equal(seen["t"], t)
     x0 = bf16_latents.float()

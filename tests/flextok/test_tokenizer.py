@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from flextok import CheckpointError, FlexTok, load_tokenizer
 from flextok.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from flextok.config import TokenizerObjective
 
 SMALL = dict(encoder_dim=64, decoder_dim=64, head_dim=32, encoder_depth=2, decoder_depth=2)
 OFFICIAL = Path(__file__).resolve().parents[1] / "fixtures" / "flextok_official"  # copies of shared's manifests
@@ -97,13 +98,13 @@ def test_full_k_fraction_sends_a_gradient_to_the_last_token(model, full):
         output[0].retain_grad()
         captured.append(output[0])
 
-    trained = FlexTok.from_config(model.config.replace(
-        full_k_fraction=full, nested_dropout_mode="uniform", cond_dropout_prob=0.0  # the null condition drops all
-    ))
+    trained = FlexTok.from_config(model.config)
+    objective = TokenizerObjective(full_k_fraction=full, nested_dropout_mode="uniform",
+                                   cond_dropout_prob=0.0)  # the null condition drops all
     trained.load_state_dict(model.state_dict())  # trained-like: a fresh decoder passes no gradient back yet
     handle = trained.fsq.register_forward_hook(keep_codes)
     try:
-        trained(_images(8), generator=torch.Generator().manual_seed(0))["loss"].backward()
+        trained(_images(8), generator=torch.Generator().manual_seed(0), objective=objective)["loss"].backward()
     finally:
         handle.remove()
     last = captured[0].grad[:, -1].abs().sum(dim=-1)  # (B,) gradient at the last register's code

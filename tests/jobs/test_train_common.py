@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flextok.checkpoint import read_metadata
-from flextok.config import get_preset
+from flextok.config import TokenizerObjective, get_preset
 from pipelines.writer import OutputStore
 from training.data import IGNORE_INDEX, PixelCollate, TokenCollate, pad_token_lists
 from training.driver import summary_line
@@ -209,11 +209,12 @@ def test_a_tokenizer_run_from_before_the_numerical_conventions_is_not_resumed_un
     old = {k: v for k, v in TINY.to_dict().items() if k not in ("norm_eps", "time_max_period", "max_timestep")}
     old["fsq"] = {"levels": list(TINY.fsq.levels)}
     store.write_json("job.json", {"job": "train-tokenizer", "model": {"kind": "FlexTok", "config": old}})
-    now = {"job": "train-tokenizer", "model": {"kind": "FlexTok", "config": TINY.to_dict()}}
+    now = {"job": "train-tokenizer", "model": {"kind": "FlexTok", "config": TINY.to_dict(),
+                                               "objective": TokenizerObjective().to_dict()}}
     with pytest.raises(ValueError, match=r"model\.config\.fsq\.bound_eps=-0\.001, not 0\.001"):
         check_job_settings(store, now)
     legacy = TINY.replace(norm_eps=1e-6, time_max_period=1e4, fsq={"levels": TINY.fsq.levels, "bound_eps": -1e-3})
-    check_job_settings(store, {**now, "model": {"kind": "FlexTok", "config": legacy.to_dict()}})
+    check_job_settings(store, {**now, "model": {**now["model"], "config": legacy.to_dict()}})
 
 
 def test_latest_model_file_prefers_the_export_then_the_newest_checkpoint(tmp_path):

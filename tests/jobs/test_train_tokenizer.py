@@ -14,7 +14,9 @@ from run_helpers import scalars
 
 from flextok import FlexTok
 from flextok.checkpoint import SAME_TOKENS_KEY, file_sha256, read_metadata, same_tokens_shas
-from jobs.train_tokenizer import build_parser, main, model_config
+from flextok.config import TokenizerObjective
+from flextok.tokenizer import OBJECTIVE_KEY
+from jobs.train_tokenizer import build_parser, main, model_config, objective
 from pipelines.corpus import build_corpus
 from pipelines.decode import decode_batch
 from pipelines.sources import read_shard, resolve_inputs
@@ -49,7 +51,8 @@ def real_batch(corpus):
 
 def tiny_task():
     args = build_parser().parse_args(["--data", "x", "--output", "y", *ARCH])
-    return TokenizerTask(config=model_config(args), preset="tiny", grid_images=2, grid_steps=2)
+    return TokenizerTask(config=model_config(args), preset="tiny", objective=objective(args), grid_images=2,
+                         grid_steps=2)
 
 
 def test_architecture_flags_override_the_preset():
@@ -57,8 +60,11 @@ def test_architecture_flags_override_the_preset():
     assert (config.encoder_dim, config.decoder_depth, config.head_dim, config.image_size) == (32, 1, 16, 32)
     args = build_parser().parse_args(
         ["--data", "x", "--output", "y", "--fsq-levels", "8,8", "--nested-dropout", "uniform", "--uniform-time-fraction", "0.5"])
-    config = model_config(args)
-    assert config.fsq.levels == (8, 8) and config.nested_dropout_mode == "uniform" and config.uniform_time_fraction == 0.5
+    assert model_config(args).fsq.levels == (8, 8)
+    # the objective is the preset's (tiny: powers-of-two k, a quarter of uniform times) with the flags applied
+    assert objective(args) == TokenizerObjective(nested_dropout_mode="uniform", uniform_time_fraction=0.5)
+    assert objective(build_parser().parse_args(["--data", "x", "--output", "y"])) == TokenizerObjective(
+        nested_dropout_mode="pow2", uniform_time_fraction=0.25)
 
 
 def test_loss_falls_on_a_fixed_batch_of_real_images(real_batch):
@@ -79,13 +85,17 @@ def test_loss_falls_on_a_fixed_batch_of_real_images(real_batch):
 
 def test_init_starts_from_the_checkpoint_and_keeps_its_architecture(real_batch, tmp_path):
     torch.manual_seed(1)
-    start = FlexTok.from_config(tiny_task().config.replace(uniform_time_fraction=0.0))
-    path = start.save_pretrained(tmp_path / "start.safetensors")
+    start = FlexTok.from_config(tiny_task().config)
+    trained_with = TokenizerObjective(nested_dropout_mode="pow2", cond_dropout_prob=0.2)
+    path = start.save_pretrained(tmp_path / "start.safetensors", extra={OBJECTIVE_KEY: trained_with.to_dict()})
     args = build_parser().parse_args(["--data", "x", "--output", "y", "--init", str(path),
                                       "--uniform-time-fraction", "0.7", "--full-k-fraction", "0.5"])
-    config = model_config(args, str(path))  # training behaviour may change
-    assert config == start.config.replace(uniform_time_fraction=0.7, full_k_fraction=0.5)
-    task = TokenizerTask(config=config, preset=None, init_path=str(path), init_sha256=start.checkpoint_sha256)
+    config = model_config(args, str(path))
+    assert config == start.config
+    # the objective it was trained with, and the flags on top (training behaviour may change)
+    assert objective(args, str(path)) == trained_with.replace(uniform_time_fraction=0.7, full_k_fraction=0.5)
+    task = TokenizerTask(config=config, preset=None, objective=objective(args, str(path)), init_path=str(path),
+                         init_sha256=start.checkpoint_sha256)
     torch.manual_seed(2)  # a different seed would give different random weights
     trainer = Trainer(task, TrainConfig(max_steps=2, warmup_steps=0, batch_size=8), torch.device("cpu"))
     for name, tensor in start.state_dict().items():
