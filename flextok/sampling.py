@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from flextok.checkpoint import (
     CheckpointError,
     file_sha256,
     read_metadata,
-    same_tokens_shas,
 )
 from flextok.precision import precision_context
+from flextok.runs import checkpoint_step, newest_local_model, speaks_tokens_of
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,8 @@ def _step(path: Path) -> int:
         return int(read_metadata(path)["step"])
     except (CheckpointError, KeyError, ValueError):
         pass
-    match = re.fullmatch(r"checkpoint_0*(\d+)", path.parent.name)
-    return int(match.group(1)) if match else -1
+    step = checkpoint_step(path.parent.name)
+    return step if step is not None else -1
 
 
 def find_generator_checkpoint(path: str | os.PathLike) -> Path:
@@ -68,6 +67,9 @@ def find_generator_checkpoint(path: str | os.PathLike) -> Path:
     for name in WEIGHTS_NAMES:
         if (p / name).is_file() and _kind(p / name) == GENERATOR_KIND:
             return p / name
+    newest = newest_local_model(p)  # a generator run still training
+    if newest is not None and _kind(newest) == GENERATOR_KIND:
+        return newest
     found = [c for c in p.rglob("*.safetensors") if c.is_file() and _kind(c) == GENERATOR_KIND]
     if not found:
         raise CheckpointError(f"no generator checkpoint (a *.safetensors of kind {GENERATOR_KIND!r}) under {p}")
@@ -116,7 +118,7 @@ def resolve_tokenizer(
             # models travel together, and the recorded path may name another copy (or none) here
             beside = [gen_dir / recorded.name] + sorted(gen_dir.glob("*.safetensors"))
             path = next((c for c in beside if c.is_file() and _kind(c) == TOKENIZER_KIND
-                         and recorded_sha in same_tokens_shas(c)), None)
+                         and speaks_tokens_of(c, recorded_sha)), None)
         if path is None:
             path = next((c for c in (recorded, gen_dir / recorded, gen_dir / recorded.name) if c.exists()), None)
         if path is None:
@@ -125,7 +127,7 @@ def resolve_tokenizer(
                 f"{_short(recorded_sha)}…), which is not found; pass --tokenizer CKPT"
             )
     if check_sha256 and recorded_sha:
-        if recorded_sha not in same_tokens_shas(path):
+        if not speaks_tokens_of(path, recorded_sha):
             actual = file_sha256(path)
             raise CheckpointError(
                 f"tokenizer {path} has sha256 {_short(actual)}… but generator {generator_path} was trained "

@@ -361,10 +361,11 @@ def _emoji(stages: Stages, out: Path, args: argparse.Namespace, quiet: list[str]
     stages.run("tokenize the emoji corpus with the Ray Data pipeline", "jobs.tokenize",
                "--input", corpus / "train", "--output", out / "tokens", "--model", tokenizer, *quiet)
 
-    from flextok.checkpoint import read_metadata, same_tokens_shas
+    from flextok.checkpoint import read_metadata
+    from flextok.runs import speaks_tokens_of
 
     generator = Path(args.generator) if args.generator else _bundled("generator.safetensors")
-    if generator is not None and not args.generator and _sha256_recorded(generator) not in same_tokens_shas(tokenizer):
+    if generator is not None and not args.generator and not speaks_tokens_of(tokenizer, _sha256_recorded(generator)):
         generator = None  # the bundled generator speaks another tokenizer's tokens
     if generator is not None and not args.generator and args.finetune_steps:
         stages.run(f"fine-tune the bundled text-conditional generator on these tokens with Ray Train "

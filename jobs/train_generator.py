@@ -81,7 +81,7 @@ def init_config(args: argparse.Namespace, data, init_path: str):
     """With --init: the checkpoint's config (CFG dropout may change), checked against DST and --cond."""
     from flextok.checkpoint import read_metadata
     from flextok.gpt import GPTConfig
-    from training.runs import keeps_tokens_of
+    from flextok.runs import speaks_tokens_of
 
     shaped = [flag for flag in ("preset", "depth", "dim", "num_heads", "num_classes", "text_encoder", "max_text_tokens",
                                 "eos") if getattr(args, flag) is not None]
@@ -98,7 +98,7 @@ def init_config(args: argparse.Namespace, data, init_path: str):
         raise ValueError(f"--init {init_path} speaks {config.codebook_size} codes x K={config.max_tokens}; "
                          f"{args.tokens} has {data.metadata['codebook_size']} x K={data.metadata['max_tokens']}")
     recorded, tokens_sha = md.get("tokenizer_sha256") or None, data.metadata.get("checkpoint_sha256")
-    if recorded and tokens_sha and recorded != tokens_sha and not keeps_tokens_of(data.metadata.get("checkpoint_id"), recorded):
+    if recorded and tokens_sha and recorded != tokens_sha and not speaks_tokens_of(data.metadata.get("checkpoint_id"), recorded):
         raise ValueError(f"--init {init_path} was trained on tokens of tokenizer {recorded[:12]}…, {args.tokens} "
                          f"comes from {tokens_sha[:12]}…: its tokens mean other things")
     if config.cond == "class":

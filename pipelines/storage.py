@@ -16,6 +16,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import fsspec
 from fsspec.core import url_to_fs
 
+from flextok.runs import MODEL_FILE
+
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
 # Query parameters that sign or authorise a URL (S3/GCS presigned URLs, Azure SAS, API tokens).
 _SIGNED_QUERY_WORDS = _SECRET_WORDS + ("sig", "signature", "auth", "policy", "pass")
@@ -129,7 +131,6 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
 
 
 # Remote checkpoints -------------------------------------------------------------------------------
-MODEL_FILE = "model.safetensors"
 RELEASE_CONFIG = "config.json"  # an official release's settings beside its weights (flextok.official)
 
 
@@ -174,6 +175,7 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
     import hashlib
     import posixpath
 
+    from flextok.runs import newest_model
     from pipelines.retry import call_with_retries
 
     protocol = fsspec.utils.get_protocol(url)
@@ -188,14 +190,11 @@ def fetch_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None,
         if not fs.exists(target):
             raise FileNotFoundError(f"checkpoint not found: {redact_url(url)}")
         if fs.isdir(target):
-            top = f"{target}/{MODEL_FILE}"
-            if fs.exists(top):
-                target = top
-            else:
-                found = sorted(fs.glob(f"{target}/checkpoint_*/{MODEL_FILE}"))
-                if not found:
-                    raise FileNotFoundError(f"no {MODEL_FILE} in run folder {redact_url(url)} or its checkpoints")
-                target = found[-1]
+            names = [posixpath.basename(e.rstrip("/")) for e in fs.ls(target, detail=False)]
+            found = newest_model(names, lambda rel: fs.exists(f"{target}/{rel}"))
+            if found is None:
+                raise FileNotFoundError(f"no {MODEL_FILE} in run folder {redact_url(url)} or its checkpoints")
+            target = f"{target}/{found}"
         return target, fs.info(target)
 
     path, info = call_with_retries(locate, what=f"looking up {redact_url(url)}")

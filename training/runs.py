@@ -19,8 +19,9 @@ The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
     _user_error.json          while a run ends on a worker's user error (bad data, bad settings): the
                               one line, so that Ray Train's retry ends at once (cleared by a re-run)
 
-Provenance: which tokenizer a generator's tokens come from, and whether another tokenizer checkpoint
-emits the same tokens (`keeps_tokens_of`), so that fine-tunes and grids use a tokenizer that speaks them.
+Where a run's model is and which tokenizer speaks which tokens are `flextok.runs`' (below every
+layer); this module applies them to RUN as a store (local or remote) and resolves the tokenizer that
+decodes a generator run's grids.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flextok.runs import CHECKPOINT_PREFIX, MODEL_FILE, checkpoint_dir_name
+from flextok.runs import checkpoint_steps as _checkpoint_steps
+from flextok.runs import newest_model as _newest_model
 from pipelines.writer import OutputStore
 
 log = logging.getLogger("training.runs")
 
-MODEL_FILE = "model.safetensors"
+__all__ = ["CHECKPOINT_PREFIX", "MODEL_FILE", "checkpoint_dir_name"]  # re-exported: the layout in one place
+
 STATE_FILE = "train_state.safetensors"
 STATE_KIND = "TrainState"
 SHARD_DIR = "shards"  # fsdp: one safetensors shard per worker (torch.distributed.checkpoint)
@@ -46,7 +51,6 @@ JOB_FILE = "job.json"
 SUMMARY_FILE = "train_summary.json"
 TB_DIR = "tensorboard"
 GRID_DIR = "grids"
-CHECKPOINT_PREFIX = "checkpoint_"
 USER_ERROR_FILE = "_user_error.json"
 # A worker's exception of these types (anywhere in its cause chain) is the user's: bad data or bad
 # settings, which no retry fixes. Anything else (a killed process, a lost node, a storage fault) is retried.
@@ -56,11 +60,6 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 def open_run(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputStore:
     """RUN as a store (local or remote), for reading and writing its files by relative name."""
     return OutputStore(url, storage_options)
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """`checkpoint_<step>`, zero-padded so that names sort by step."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
 def grid_name(step: int) -> str:
@@ -82,12 +81,14 @@ def ray_storage(run_url: str, storage_options: Mapping[str, Any]) -> tuple[str, 
 
 def checkpoint_steps(store: OutputStore) -> list[int]:
     """Steps of RUN's `checkpoint_<step>` folders, oldest first (local or remote)."""
+    return _checkpoint_steps(_entries(store))
+
+
+def _entries(store: OutputStore) -> list[str]:
     try:
-        names = [posixpath.basename(e.rstrip("/")) for e in store.fs.ls(store.path(""), detail=False)]
+        return [posixpath.basename(e.rstrip("/")) for e in store.fs.ls(store.path(""), detail=False)]
     except FileNotFoundError:
         return []
-    n = len(CHECKPOINT_PREFIX)
-    return sorted(int(name[n:]) for name in names if name.startswith(CHECKPOINT_PREFIX) and name[n:].isdigit())
 
 
 def latest_checkpoint_step(store: OutputStore) -> int:
@@ -116,12 +117,9 @@ def saved_train_state(store: OutputStore, step: int) -> dict[str, Any] | None:
 
 def newest_model(store: OutputStore) -> str:
     """RUN's model, relative to RUN: `model.safetensors` when finished, else the newest checkpoint's EMA."""
-    if store.exists(MODEL_FILE):
-        return MODEL_FILE
-    for step in reversed(checkpoint_steps(store)):
-        name = f"{checkpoint_dir_name(step)}/{MODEL_FILE}"
-        if store.exists(name):
-            return name
+    found = _newest_model(_entries(store), store.exists)
+    if found is not None:
+        return found
     raise FileNotFoundError(f"no {MODEL_FILE} in run folder {store.url} or its checkpoints")
 
 
@@ -228,17 +226,6 @@ def init_file(init: str, sha256: str | None, storage_options: Mapping[str, Any] 
     from pipelines.model import local_checkpoint
 
     return local_checkpoint(init, storage_options, sha256)
-
-
-def keeps_tokens_of(tokenizer: str | None, sha256: str) -> bool:
-    """Whether the tokenizer that made the tokens (a readable checkpoint) emits the same tokens as the
-    checkpoint `sha256` (it is that checkpoint, or a decoder-only fine-tune of it)."""
-    from flextok.checkpoint import same_tokens_shas
-
-    try:
-        return bool(tokenizer) and sha256 in same_tokens_shas(Path(tokenizer).expanduser())
-    except (OSError, ValueError):
-        return False
 
 
 def resolve_grid_tokenizer(explicit: str | None, metadata: dict[str, Any]) -> str | None:
