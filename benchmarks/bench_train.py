@@ -14,6 +14,13 @@ give a usable ratio on such a machine.
 
     python -m benchmarks.bench_train                         # tiny tokenizer, batch 64
     python -m benchmarks.bench_train --threads 1 --markdown BENCHMARKS.md
+
+`--strategies`: FSDP vs DDP step time on `--workers` Ray Train workers (gloo on CPU), side by side in
+one run. Every worker builds both trainers of the same generator (the `--gpt` preset, class-
+conditional, full-length rows of random ids held in memory, so only the strategies differ) in one
+process group and alternates timed blocks ddp, fsdp, fsdp, ddp, ...; tokens/s counts all workers.
+
+    python -m benchmarks.bench_train --strategies --workers 2 --threads 1
 """
 
 from __future__ import annotations
@@ -96,6 +103,109 @@ def interleaved_loop(config: dict[str, Any]) -> dict[str, float]:
     return {name: images / s for name, s in seconds.items()}
 
 
+def strategies_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker: one DDP and one FSDP trainer of the same model, timed blocks alternating ABBA."""
+    import ray.train
+    import ray.train.torch
+
+    from training.trainer import Trainer
+
+    task, cfg = config["task"], config["cfg"]
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cpu")
+    trainers = {
+        "ddp": Trainer(task, cfg.replace(strategy="ddp"), device, is_main=rank == 0,
+                       wrap=lambda m: ray.train.torch.prepare_model(m)),
+        "fsdp": Trainer(task, cfg.replace(strategy="fsdp"), device, is_main=rank == 0),
+    }
+    assert trainers["fsdp"].sharded and not trainers["ddp"].sharded, "fsdp must shard, ddp must not"
+    g = torch.Generator().manual_seed(rank)
+    rows, c = cfg.worker_batch_size, task.config
+    labels = torch.randint(0, c.num_classes, (rows,), generator=g)
+    batch = task.prepare_batch({"tokens": torch.randint(0, c.codebook_size, (rows, c.max_tokens), generator=g),
+                                "lengths": torch.full((rows,), c.max_tokens), "label": labels}, device)
+    for trainer in trainers.values():  # allocator and first-call warm-up, untimed
+        for _ in range(config["warmup"]):
+            trainer.train_step(batch)
+    seconds = {name: 0.0 for name in trainers}
+    for r in range(config["rounds"]):
+        for name in (["ddp", "fsdp"] if r % 2 == 0 else ["fsdp", "ddp"]):
+            torch.distributed.barrier()  # every block starts together on every worker
+            start = time.perf_counter()
+            for _ in range(config["block"]):
+                loss, _, _ = trainers[name].train_step(batch)
+            loss.item()  # the block's work is done (no-op on CPU, a sync on GPUs)
+            seconds[name] += time.perf_counter() - start
+    steps = config["rounds"] * config["block"]
+    tokens = steps * rows * c.max_tokens * world
+    return {name: {"tokens_per_second": tokens / s, "step_ms": 1000 * s / steps} for name, s in seconds.items()}
+
+
+def run_strategies(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    import ray
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from benchmarks.bench_train import (
+        strategies_loop as loop,  # by reference: workers import it (PYTHONPATH)
+    )
+    from flextok.gpt import GPTConfig
+    from pipelines.cluster import ensure_ray
+    from training.settings import TrainConfig
+    from training.tasks import GeneratorTask
+
+    task = GeneratorTask(config=GPTConfig.from_preset(args.gpt), tokenizer_id="bench", tokenizer_sha256=None)
+    cfg = TrainConfig(batch_size=args.batch_size, num_workers=args.workers, max_steps=10**6, warmup_steps=10,
+                      grid_every=0)
+    with tempfile.TemporaryDirectory(prefix="bench-strategies-") as tmp:
+        started = ensure_ray()
+        try:
+            rates = TorchTrainer(
+                loop,
+                train_loop_config={"task": task, "cfg": cfg, "threads": args.threads, "warmup": args.warmup,
+                                   "rounds": args.rounds, "block": args.block},
+                scaling_config=ray.train.ScalingConfig(num_workers=args.workers,
+                                                       resources_per_worker={"CPU": 1 / args.workers}),
+                run_config=ray.train.RunConfig(name="bench", storage_path=str(Path(tmp) / "runs")),
+                torch_config=TorchConfig(backend="gloo"),
+            ).fit().return_value
+        finally:
+            if started:
+                ray.shutdown()
+    params = sum(p.numel() for p in task.build_model(torch.device("meta")).parameters())
+    return rates, params
+
+
+def strategies_section(args: argparse.Namespace, argv: list[str] | None, rates: dict[str, Any], params: int,
+                       load: tuple[str, str]) -> str:
+    from flextok.gpt import GPTConfig
+
+    c = GPTConfig.from_preset(args.gpt)
+    command = "python -m benchmarks.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
+    ratio = rates["fsdp"]["tokens_per_second"] / rates["ddp"]["tokens_per_second"]
+    return "\n".join([
+        "",
+        f"- Command: `{command.strip()}`",
+        f"- Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}, {args.workers} Ray Train "
+        f"workers (gloo) x {args.threads} torch thread(s), fp32. Date: "
+        f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- `uptime` at the start: `{load[0]}`; at the end: `{load[1]}` (other engineers' jobs share the cores)",
+        f"- `{args.gpt}` class-conditional generator (depth {c.depth}, width {c.dim}, vocab {c.vocab_size}, "
+        f"{c.max_tokens} tokens, {params / 1e6:.2f} M parameters), global batch {args.batch_size} full-length rows "
+        f"held in memory; {args.rounds * args.block} timed steps per strategy in blocks of {args.block} "
+        f"(ddp, fsdp, fsdp, ddp, ...; after {args.warmup} untimed steps each)",
+        "",
+        "| strategy | step (ms) | tokens/s (all workers) |",
+        "|---|---|---|",
+        *(f"| {name} | {rates[name]['step_ms']:.0f} | {rates[name]['tokens_per_second']:.0f} |" for name in ("ddp", "fsdp")),
+        f"| **fsdp / ddp** | | **{ratio:.3f}x** |",
+        "",
+    ])
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
     import ray
     import ray.cloudpickle
@@ -150,7 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per side first (default %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--markdown", default=None, help="append the result section to this file")
+    parser.add_argument("--strategies", action="store_true", help="FSDP vs DDP step time instead (see above)")
+    parser.add_argument("--workers", type=int, default=2, help="--strategies: Ray Train workers (default %(default)s)")
+    parser.add_argument("--gpt", default="tiny", help="--strategies: generator preset (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.strategies:
+        import subprocess
+
+        start_load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        rates, params = run_strategies(args)
+        section = strategies_section(args, argv, rates, params,
+                                     (start_load, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()))
+        print(section)
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write(section)
+        return 0
 
     load_at_start = os.getloadavg()[0]
     rates, num_images, params = run(args)
