@@ -27,8 +27,8 @@ TINY_OBJECTIVE = TokenizerObjective(nested_dropout_mode="pow2", uniform_time_fra
 
 
 def test_a_checkpoint_from_before_the_split_trains_on_as_the_code_that_wrote_it():
-    """Two steps from its checkpoint 2 on a fixed batch give the losses the old code gave (bit for bit):
-    the objective the run recorded inside its architecture config is the one applied now."""
+    """Two steps from its checkpoint 2 on a fixed batch give the losses the code before the split gave
+    (bit for bit): the objective the run recorded inside its architecture config is the one applied now."""
     expected = json.loads((FIXTURE / "expected.json").read_text())
     job = json.loads((FIXTURE / "run" / "job.json").read_text())
     args = build_parser().parse_args(["--data", "x", "--output", "y", *ARCH])
