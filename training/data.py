@@ -599,8 +599,15 @@ FOLDER_FILES_PER_READ = 32  # image-folder units (single files) read and decoded
 
 def training_rows(batch):
     """Decoded rows -> the pixels (and labels) of the good ones (errors and shard end markers dropped)."""
+    failed = batch.filter(pc.and_(pc.is_valid(batch["error"]), pc.less(batch["index"], 0)))
+    if failed.num_rows:
+        # read_shard's failure marker: storage stayed unreachable through its retries. Training on
+        # without the rest of the shard would quietly change the data (and break exact resume), so the
+        # worker fails: Ray Train restarts it from the last checkpoint, which reads the shard again.
+        raise ConnectionError(f"shard {failed['shard'][0].as_py()}: {failed['error'][0].as_py()}; "
+                              "training does not go on without it (restarting from the last checkpoint)")
     ok = batch.filter(pc.and_(pc.is_null(batch["error"]), pc.greater_equal(batch["index"], 0)))
-    # Samples with an error; a failed shard's end marker is not a sample (read_shard logged it).
+    # Samples with an error (bad data: skipped and counted); end markers are not samples.
     bad = batch.filter(pc.and_(pc.is_valid(batch["error"]), pc.greater_equal(batch["index"], 0)))
     if bad.num_rows:
         with _SKIP_LOCK:

@@ -179,3 +179,23 @@ def test_pipeline_outage_exits_incomplete_then_a_rerun_completes(s3_server, buck
     assert errors.num_rows == 0
     manifest = json.loads(fs.cat_file(f"{bucket}/outage/_manifest.json"))
     assert manifest["counts"]["inputs"] == 160 and result.manifest["run"]["shards_processed"] == 1
+
+
+def test_training_does_not_go_on_without_a_shard_storage_lost(s3_server, bucket, proxy):
+    """The training jobs read shards with the same reader: a shard left unfinished by an outage fails
+    the worker (Ray Train restarts it from the last checkpoint) instead of training on fewer rows."""
+    from pipelines.decode import decode_batch
+    from training.data import training_rows
+
+    opts = through(s3_server, proxy, default_block_size=4096)
+    shard = shards_of(bucket, opts)[0]
+    name = re.escape(shard.url.rsplit("/", 1)[1])
+    proxy.set_rules([FaultRule(rf"GET /{bucket}/in/{name}", times=4, mode="pass"),
+                     FaultRule(rf"GET /{bucket}/in/{name}", times=None, mode="cut")])
+    import pyarrow.compute as pc
+
+    rows = pa.concat_tables([decode_batch(t, image_size=32) for t in _read(shard, opts)])
+    samples = rows.filter(pc.greater_equal(rows["index"], 0))
+    assert training_rows(samples).num_rows == samples.num_rows > 0  # what came before the outage is data
+    with pytest.raises(ConnectionError, match=rf"shard {shard.id}: storage unavailable after {FAST.attempts}"):
+        training_rows(rows)
