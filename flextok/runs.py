@@ -6,6 +6,11 @@ emit the tokens of that checkpoint". Needs no fsspec: a reader passes how to lis
 
     RUN/model.safetensors                      the final model of a finished run
     RUN/checkpoint_<step>/model.safetensors    the EMA model of each checkpoint (zero-padded step)
+    RUN/checkpoint_<step>/_COMPLETE            written last, once every worker's files are uploaded
+
+Checkpoints are uploaded while training goes on, so a checkpoint folder may be partly there: a reader
+takes only folders with the completion marker. Runs written before markers existed (no folder has
+one) wrote each checkpoint whole before training went on: all their folders count.
 
 Does not own writing run folders (`training.runs`) or reading weights (`flextok.checkpoint`).
 """
@@ -18,6 +23,7 @@ from pathlib import Path
 
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint_"
+COMPLETE_FILE = "_COMPLETE"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -36,13 +42,19 @@ def checkpoint_steps(names: Iterable[str]) -> list[int]:
     return sorted(step for step in map(checkpoint_step, names) if step is not None)
 
 
+def complete_checkpoints(names: Iterable[str], exists: Callable[[str], bool]) -> list[tuple[int, str]]:
+    """(step, folder name) of RUN's complete checkpoints, oldest first (see the module docstring)."""
+    folders = sorted((step, name) for name in names if (step := checkpoint_step(name)) is not None)
+    marked = [(step, name) for step, name in folders if exists(f"{name}/{COMPLETE_FILE}")]
+    return marked if marked else folders
+
+
 def newest_model(names: Iterable[str], exists: Callable[[str], bool]) -> str | None:
     """A run's model relative to RUN, or None: `model.safetensors` when finished, else the newest
-    checkpoint's EMA. `names`: RUN's entries; `exists(rel)`: whether RUN/rel is there."""
+    complete checkpoint's EMA. `names`: RUN's entries; `exists(rel)`: whether RUN/rel is there."""
     if exists(MODEL_FILE):
         return MODEL_FILE
-    folders = sorted((step, name) for name in names if (step := checkpoint_step(name)) is not None)
-    for _, name in reversed(folders):
+    for _, name in reversed(complete_checkpoints(names, exists)):
         rel = f"{name}/{MODEL_FILE}"
         if exists(rel):
             return rel

@@ -30,6 +30,9 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
                    help="steps between checkpoints, also written at the end (default %(default)s)")
+    g.add_argument("--checkpoint-minutes", type=finite_float, default=d.checkpoint_minutes,
+                   help="also a checkpoint once this many minutes have passed since the last one (decided by "
+                   "worker 0 at a --log-every step and shared with all workers; default: steps only)")
     g.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints,
                    help="newest checkpoints kept in RUN (default %(default)s)")
     g.add_argument("--log-every", type=positive_int, default=d.log_every, help="steps between progress lines (default %(default)s)")
@@ -97,7 +100,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes, keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every, grid_every=args.grid_every, seed=args.seed, num_workers=args.workers,
         use_gpu=args.gpus, cpus_per_worker=args.cpus_per_worker, threads=args.threads,
         max_failures=args.max_failures, shuffle_buffer=args.shuffle_buffer, strategy=args.strategy,

@@ -2,9 +2,14 @@
 
 Runs inside every Ray Train worker (DDP over gloo on CPU, nccl on GPU). Each worker reads its own rows
 (`training.data.RowStream`) from the position its checkpoint recorded, so a resumed run repeats nothing
-and skips nothing. Rank 0 holds the EMA, writes
-checkpoints through `ray.train.report`, TensorBoard events, progress lines and grids. Does not own
-what a run folder looks like (`training.runs`) or how the run is launched (`training.driver`).
+and skips nothing. Rank 0 holds the EMA, writes TensorBoard events, progress lines and grids.
+Checkpoints are written to a local folder by every worker that holds a part (ddp: rank 0; fsdp: every
+rank) and uploaded to RUN in the background by `ray.train.report(checkpoint_upload_mode=ASYNC)`: one
+upload thread per worker, so uploads of a run never overlap, and Ray registers them in order once
+every worker's part is there. Training goes on meanwhile; rank 0's `_Publisher` then writes the
+checkpoint's completion marker (`flextok.runs.COMPLETE_FILE`), the only sign a reader of RUN trusts,
+and the last checkpoint is complete before the loop returns. Does not own what a run folder looks
+like (`training.runs`) or how the run is launched (`training.driver`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import posixpath
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ from torch import nn
 
 from training.data import VAL, Position, RowStream, batch_stream, prefetched, resume_position
 from training.runs import (
+    COMPLETE_FILE,
     TB_DIR,
     checkpoint_dir_name,
     grid_name,
@@ -220,10 +227,45 @@ def _budget_stream(spec: LoopSpec, task: Any, cfg: TrainConfig, rank: int, world
     return prefetched(items)
 
 
-def _maybe_crash(spec: LoopSpec, step: int, rank: int) -> None:
-    """Test-only: a real process death of rank 0 at `crash_at_step`, once (the marker remembers)."""
+class _Publisher:
+    """Rank 0: marks checkpoints complete once Ray has committed them (every worker's part uploaded),
+    in a background thread, so that training does not wait for uploads."""
+
+    def __init__(self, store, trainer: Trainer) -> None:
+        self.store, self.trainer = store, trainer
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flextok-publish")
+        self.pending: list[Future] = []
+
+    def submit(self) -> None:
+        self.pending.append(self.pool.submit(self._publish))
+
+    def _publish(self) -> None:
+        import ray.train
+
+        # Blocks until the newest report's checkpoint is committed (those before it are, in order).
+        committed = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        for reported in committed:
+            name = posixpath.basename(reported.checkpoint.path.rstrip("/"))
+            if not self.store.exists(f"{name}/{COMPLETE_FILE}"):
+                # the step training had reached when the upload was done: evidence it went on meanwhile
+                self.store.write_json(f"{name}/{COMPLETE_FILE}", {"published_at_step": self.trainer.step})
+                log.info("checkpoint %s uploaded and complete (training at step %d)", name, self.trainer.step)
+
+    def drain(self) -> None:
+        """Wait for every checkpoint reported so far to be committed and marked (errors are raised)."""
+        while self.pending:
+            self.pending.pop(0).result()
+
+
+def _maybe_crash(spec: LoopSpec, step: int, rank: int, publisher: _Publisher | None) -> None:
+    """Test-only: a real process death of rank 0 at `crash_at_step`, once (the marker remembers),
+    after the checkpoints reported so far are uploaded (so the resume point does not depend on timing)."""
     if spec.crash_at_step != step or rank != 0 or not spec.crash_marker or os.path.exists(spec.crash_marker):
         return
+    if publisher is not None:
+        publisher.submit()
+        publisher.drain()
     Path(spec.crash_marker).write_text(f"killed at step {step}\n")
     log.warning("test fault injection: rank 0 exits at step %d", step)
     os._exit(1)
@@ -291,7 +333,10 @@ def _train(spec: LoopSpec) -> dict[str, Any] | None:
         batches = batch_stream(stream, task.collate_fn(), cfg.micro_batch_size, pin_memory=cfg.use_gpu)
     val_shard = ray.train.get_dataset_shard(VAL) if spec.has_val and rank == 0 else None
     reference = None
-    sums = torch.zeros(5, device=device)  # loss, grad norm, items, computed and real positions since the last log
+    sums = torch.zeros(6, device=device)  # loss, grad norm, items, computed and real positions since the last log; a checkpoint is due
+    publisher = _Publisher(open_run(spec.run_url, spec.storage_options), trainer) if rank == 0 else None
+    last_checkpoint = time.monotonic()
+    uploaded_at: dict[str, int] = {}  # checkpoint -> the step training had reached when its upload ended
     count = 0
     attempt_start = time.perf_counter()
     seconds_before = trainer.train_seconds
@@ -316,16 +361,19 @@ def _train(spec: LoopSpec) -> dict[str, Any] | None:
         num_items = float(sum(task.num_items(b) for b in micro))
         counted = [task.positions(b) or (0, 0) for b in micro]
         host = torch.tensor([num_items, sum(c[0] for c in counted), sum(c[1] for c in counted)], dtype=torch.float32)
-        sums += torch.cat([torch.stack([loss, grad_norm]), host.to(device, non_blocking=True)])
+        sums[:5] += torch.cat([torch.stack([loss, grad_norm]), host.to(device, non_blocking=True)])
         count += 1
         trainer.train_seconds = seconds_before + time.perf_counter() - attempt_start
-        _maybe_crash(spec, trainer.step, rank)
+        _maybe_crash(spec, trainer.step, rank, publisher)
         step = trainer.step
         is_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or is_checkpoint:  # checkpoints carry up-to-date counters
+            if rank == 0 and cfg.checkpoint_minutes and time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes:
+                sums[5] = 1.0  # rank 0's clock decides; the all-reduce tells every rank at this same step
             if world > 1:  # every rank reaches this step: the collective is safe
                 torch.distributed.all_reduce(sums)
-            loss_sum, norm_sum, items, computed, real = sums.tolist()
+            loss_sum, norm_sum, items, computed, real, due = sums.tolist()
+            is_checkpoint = is_checkpoint or due > 0
             trainer.last_loss = loss_sum / (count * world)
             trainer.items_seen += int(items)
             if monitor is not None:
@@ -343,12 +391,18 @@ def _train(spec: LoopSpec) -> dict[str, Any] | None:
             trainer.data_position = gather_positions(position, spec.source.num_units, world, device)
             if monitor is not None and val_shard is not None:
                 trainer.val_loss = monitor.validate(val_shard)
-            _report(trainer, monitor, rank)
+            _report(trainer, monitor, rank, publisher, uploaded_at)
+            last_checkpoint = time.monotonic()
     batches.close()
     if grid_done_at != trainer.step and reference is not None:
         trainer.gather_ema()
         if monitor is not None:
             monitor.grid(reference)
+    # The last checkpoint is uploaded and complete before the run returns (every rank waits for it).
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    if publisher is not None:
+        publisher.submit()
+        publisher.drain()
     if monitor is None:
         return None
     monitor.close()
@@ -356,6 +410,7 @@ def _train(spec: LoopSpec) -> dict[str, Any] | None:
         "step": trainer.step, "loss": trainer.last_loss, "val_loss": trainer.val_loss,
         "train_seconds": round(trainer.train_seconds, 1),
         "items_seen": trainer.items_seen, "item_name": task.item_name, "world_size": world, "device": str(device),
+        "uploaded_at_step": uploaded_at,
         "num_parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
 
@@ -371,29 +426,36 @@ def gather_positions(position: Position, num_units: int, world: int, device: tor
     return {"world_size": world, "num_units": num_units, "positions": [t.tolist() for t in everyone]}
 
 
-def _report(trainer: Trainer, monitor: _Monitor | None, rank: int) -> None:
-    """A checkpoint (Ray persists it to RUN/checkpoint_<step>); every rank reports.
-
-    ddp: rank 0 writes it. fsdp: every rank writes its shard, and Ray uploads each rank's folder into
-    the same checkpoint folder.
-    """
+def _report(trainer: Trainer, monitor: _Monitor | None, rank: int, publisher: _Publisher | None,
+            uploaded_at: dict[str, int]) -> None:
+    """A checkpoint, written locally and handed to Ray to upload to RUN/checkpoint_<step> in the
+    background; every rank reports. ddp: rank 0 writes it; fsdp: every rank writes its shard (a
+    collective), and Ray uploads each rank's folder into the same checkpoint folder. `uploaded_at`
+    gets, per checkpoint, the step training had reached when this rank's upload ended (> the
+    checkpoint's step: training went on meanwhile)."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     metrics = {"step": trainer.step, "loss": trainer.last_loss, "train_seconds": trainer.train_seconds}
     if rank != 0 and not trainer.sharded:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="flextok-ckpt-") as folder:
-        trainer.save(Path(folder))
-        if monitor is not None:
-            monitor.sync()
-        ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=checkpoint_dir_name(trainer.step),
-        )
-    # Wait until the controller has registered it: a crash right after must resume from this one.
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-    if rank == 0:
-        log.info("checkpoint at step %d", trainer.step)
+    folder = Path(tempfile.mkdtemp(prefix="flextok-ckpt-"))  # Ray deletes it once uploaded
+    trainer.save(folder)
+    if monitor is not None:
+        monitor.sync()
 
+    def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        """Ray's own upload (pyarrow copy to RUN), run on this worker's upload thread."""
+        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+        uploaded_at[name] = trainer.step
+        return persisted
 
+    ray.train.report(
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+        checkpoint_dir_name=checkpoint_dir_name(trainer.step), checkpoint_upload_fn=upload,
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True,
+    )
+    if publisher is not None:
+        publisher.submit()
+        log.info("checkpoint at step %d written; uploading in the background", trainer.step)

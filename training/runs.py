@@ -3,7 +3,7 @@
 The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
 
     job.json                  settings the run was started with; a re-run must use the same ones
-    checkpoint_<step>/        Ray Train checkpoints (the newest `keep_checkpoints`):
+    checkpoint_<step>/        Ray Train checkpoints (the newest `keep_checkpoints`), uploaded in the background:
         model.safetensors       EMA weights written by the model's own `save_pretrained` (+ step),
                                 so a checkpoint folder loads like a finished model
         train_state.safetensors ddp: online weights (`model.*`), AdamW moments (`optim.*`) and the
@@ -11,6 +11,8 @@ The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
         shards/                 fsdp instead: online weights, EMA and AdamW moments as one
                                 safetensors shard per worker (torch.distributed.checkpoint)
         train_state.json        fsdp: the step state (the same JSON)
+        _COMPLETE               written last, once every worker's part is uploaded: readers take only
+                                checkpoints with it (`flextok.runs`)
     checkpoint_manager_snapshot.json   Ray Train's record of the checkpoints (what resume reads)
     tensorboard/              event files: loss, lr, grad norm, images/s or tokens/s
     grids/step_<step>.png     reconstruction or sample grids (rank 0)
@@ -34,14 +36,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flextok.runs import CHECKPOINT_PREFIX, MODEL_FILE, checkpoint_dir_name
-from flextok.runs import checkpoint_steps as _checkpoint_steps
+from flextok.runs import (
+    CHECKPOINT_PREFIX,
+    COMPLETE_FILE,
+    MODEL_FILE,
+    checkpoint_dir_name,
+    complete_checkpoints,
+)
 from flextok.runs import newest_model as _newest_model
 from pipelines.writer import OutputStore
 
 log = logging.getLogger("training.runs")
 
-__all__ = ["CHECKPOINT_PREFIX", "MODEL_FILE", "checkpoint_dir_name"]  # re-exported: the layout in one place
+__all__ = ["CHECKPOINT_PREFIX", "COMPLETE_FILE", "MODEL_FILE", "checkpoint_dir_name"]  # re-exported: the layout in one place
 
 STATE_FILE = "train_state.safetensors"
 STATE_KIND = "TrainState"
@@ -80,8 +87,8 @@ def ray_storage(run_url: str, storage_options: Mapping[str, Any]) -> tuple[str, 
 
 
 def checkpoint_steps(store: OutputStore) -> list[int]:
-    """Steps of RUN's `checkpoint_<step>` folders, oldest first (local or remote)."""
-    return _checkpoint_steps(_entries(store))
+    """Steps of RUN's complete `checkpoint_<step>` folders, oldest first (local or remote)."""
+    return [step for step, _ in complete_checkpoints(_entries(store), store.exists)]
 
 
 def _entries(store: OutputStore) -> list[str]:

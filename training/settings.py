@@ -32,6 +32,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
+    checkpoint_minutes: float | None = None  # also a checkpoint when this much wall-clock time has passed
     keep_checkpoints: int = 2
     log_every: int = 10
     grid_every: int = 1000
@@ -80,6 +81,9 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0 = no clipping)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.ema_decay < 1):
             raise ValueError("beta1, beta2 and ema_decay must be in [0, 1)")
+        if self.checkpoint_minutes is not None and not (isinstance(self.checkpoint_minutes, (int, float))
+                                                        and 0 < self.checkpoint_minutes < float("inf")):
+            raise ValueError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be > 0")
         if self.threads is not None and self.threads < 1:

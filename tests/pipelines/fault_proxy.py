@@ -8,7 +8,8 @@ The proxy reads the HTTP request line of each request on its way up, so faults c
 - `rules`: `FaultRule(pattern, times, mode)`, checked in order: the first `times` requests whose request
   line matches `pattern` get `mode` (`times=None`: all of them, an outage): `"cut"` (the response cut
   `cut_after` bytes in, then reset), `"reset"` (reset before any response byte), `"stall"` (nothing for
-  `stall_s` seconds, then reset: a client's read timeout) or `"pass"` (no fault: lets some through).
+  `stall_s` seconds, then reset: a client's read timeout), `"delay"` (the whole response, `stall_s`
+  seconds late: a slow link) or `"pass"` (no fault: lets some through).
 
 `counts` records how many faults of each mode were injected, so a test knows they happened.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 class FaultRule:
     pattern: str  # regex searched in the request line, e.g. r"GET /bucket/in/shard-000001\.tar"
     times: int | None = None  # faulted requests; None = every one (a persistent outage)
-    mode: str = "cut"  # cut | reset | stall | pass
+    mode: str = "cut"  # cut | reset | stall | delay | pass
     hits: int = 0
 
 
@@ -135,6 +136,10 @@ class FaultProxy:
                     with cond:
                         cond.wait_for(lambda: pending, timeout=5)
                         fault, sent = (pending.pop(0) if pending else None), 0
+                    if fault == "delay":
+                        self.counts[fault] += 1
+                        time.sleep(self.stall_s)
+                        fault = None
                     if fault in ("reset", "stall"):
                         self.counts[fault] += 1
                         if fault == "stall":
