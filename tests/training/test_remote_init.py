@@ -10,10 +10,11 @@ import torch
 
 from flextok import FlexTok
 from flextok.checkpoint import file_sha256
-from flextok.config import get_preset
+from flextok.config import TokenizerObjective, get_preset
 from flextok.generator import Generator
 from flextok.gpt import GPTConfig
-from jobs.train_tokenizer import build_parser, model_config
+from flextok.tokenizer import OBJECTIVE_KEY
+from jobs.train_tokenizer import build_parser, model_config, objective
 from training.runs import resolve_init
 from training.tasks import GeneratorTask, TokenizerTask
 
@@ -33,8 +34,9 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_train_tokenizer_init_from_s3_builds_the_checkpoint_on_every_node(s3_server, tmp_path, monkeypatch):
     torch.manual_seed(3)
-    start = FlexTok.from_config(get_preset("tiny").replace(uniform_time_fraction=0.0))
-    path = start.save_pretrained(tmp_path / "start.safetensors")
+    start = FlexTok.from_config(get_preset("tiny"))
+    trained_with = TokenizerObjective(uniform_time_fraction=0.0)
+    path = start.save_pretrained(tmp_path / "start.safetensors", extra={OBJECTIVE_KEY: trained_with.to_dict()})
     url = _upload(s3_server, path, "runs/tok/model.safetensors")
     opts = s3_server.storage_options
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "driver-node"))
@@ -43,8 +45,10 @@ def test_train_tokenizer_init_from_s3_builds_the_checkpoint_on_every_node(s3_ser
     init, local, sha = resolve_init(args.init, args.storage_options)
     assert init == url and sha == file_sha256(path) and local.startswith(str(tmp_path / "driver-node"))
     config = model_config(args, local)
-    assert config == start.config.replace(uniform_time_fraction=0.5)
-    task = TokenizerTask(config=config, preset=None, init_path=init, init_sha256=sha, init_storage_options=opts)
+    assert config == start.config  # the architecture is --init's; the objective is --init's, then the flag
+    assert objective(args, local) == trained_with.replace(uniform_time_fraction=0.5)
+    task = TokenizerTask(config=config, preset=None, objective=objective(args, local), init_path=init,
+                         init_sha256=sha, init_storage_options=opts)
     assert task.describe()["init"] == url  # the run records where it started, not a cache path
     assert "secret" not in repr(task)
 
