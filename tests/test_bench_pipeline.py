@@ -31,8 +31,10 @@ def test_bench_pipeline_smoke_measures_both_corpora_and_the_cluster(tmp_path, su
         # One single-thread encoder per CPU, on one node and across the two (1 + 1 CPUs)
         assert default["pool"].startswith("2 x 0.5 CPU") and cluster["pool"].startswith("2 x 0 CPU"), runs
         ratios = result["ratios"][corpus]
-        assert ratios["pipeline"] == pytest.approx(default["images_per_s"] / plain["images_per_s"], rel=1e-2)
-        assert ratios["cluster"] == pytest.approx(cluster["images_per_s"] / plain["images_per_s"], rel=1e-2)
+        # The report rounds ratios to 3 decimals and rates to 2: compare within that rounding, not relatively
+        # (a smoke-sized ratio of 0.0345 is stored as 0.035, 1.4 % off).
+        assert ratios["pipeline"] == pytest.approx(default["images_per_s"] / plain["images_per_s"], rel=1e-2, abs=1e-3)
+        assert ratios["cluster"] == pytest.approx(cluster["images_per_s"] / plain["images_per_s"], rel=1e-2, abs=1e-3)
         assert all(len(r["load"]) == 2 for r in runs)
     text = out.read_text()
     assert "| corpus | contender | images |" in text and "vs plain loop" in text
