@@ -7,10 +7,11 @@ emit the tokens of that checkpoint". Needs no fsspec: a reader passes how to lis
     RUN/model.safetensors                      the final model of a finished run
     RUN/checkpoint_<step>/model.safetensors    the EMA model of each checkpoint (zero-padded step)
     RUN/checkpoint_<step>/_COMPLETE            written last, once every worker's files are uploaded
+    RUN/_MARKED                                the run marks its complete checkpoints (from its start)
 
 Checkpoints are uploaded while training goes on, so a checkpoint folder may be partly there: a reader
-takes only folders with the completion marker. Runs written before markers existed (no folder has
-one) wrote each checkpoint whole before training went on: all their folders count.
+takes only folders with the completion marker. Runs written before markers existed (no `_MARKED`, no
+folder with a marker) wrote each checkpoint whole before training went on: all their folders count.
 
 Does not own writing run folders (`training.runs`) or reading weights (`flextok.checkpoint`).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint_"
 COMPLETE_FILE = "_COMPLETE"
+MARKED_RUN_FILE = "_MARKED"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -46,7 +48,7 @@ def complete_checkpoints(names: Iterable[str], exists: Callable[[str], bool]) ->
     """(step, folder name) of RUN's complete checkpoints, oldest first (see the module docstring)."""
     folders = sorted((step, name) for name in names if (step := checkpoint_step(name)) is not None)
     marked = [(step, name) for step, name in folders if exists(f"{name}/{COMPLETE_FILE}")]
-    return marked if marked else folders
+    return marked if marked or exists(MARKED_RUN_FILE) else folders
 
 
 def newest_model(names: Iterable[str], exists: Callable[[str], bool]) -> str | None:

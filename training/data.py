@@ -32,6 +32,8 @@ import pyarrow.compute as pc
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
+from training.runs import UnreadableDataError
+
 log = logging.getLogger("training.data")
 
 VAL = "val"  # the held-out dataset's name: given whole to the main worker, never split or shuffled
@@ -369,10 +371,15 @@ def inspect_tokens(store) -> TokenData:
                                      f"{metadata.get(key)!r}; one token dataset must come from one tokenizer")
             num_rows += pf.metadata.num_rows
             row_groups.append(tuple(pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)))
-            if "label" in names_in_file:
-                label_range = _label_range(pf, names_in_file.index("label"), label_range)
-            if "caption" in names_in_file and not has_captions:
-                has_captions = _has_values(pf, names_in_file.index("caption"))
+            try:  # footers only, unless a file's statistics are missing
+                if "label" in names_in_file:
+                    label_range = _label_range(pf, names_in_file.index("label"), label_range)
+                if "caption" in names_in_file and not has_captions:
+                    has_captions = _has_values(pf, names_in_file.index("caption"))
+            except Exception as e:
+                if (corrupt := _unreadable(e, f"{store.url.rstrip('/')}/{name}", "a row group")) is None:
+                    raise
+                raise corrupt from e
     assert metadata is not None, "no files"
     for key in ("codebook_size", "max_tokens"):
         if key not in metadata:
@@ -395,6 +402,20 @@ def _token_file(f, url: str):
         if retry.classify(e) is not None:
             raise
         raise ValueError(f"{redact_url(url)} is not a readable Parquet file (truncated or corrupt): {e}") from None
+
+
+def _unreadable(error: BaseException, url: str, where: str) -> UnreadableDataError | None:
+    """`error` from reading a token file's pages as the file's own fault (a corrupt page, a torn copy:
+    Arrow's ArrowInvalid or OSError), one line naming it; None for a storage fault or a missing file."""
+    from pipelines import retry
+    from pipelines.storage import redact_url
+
+    if retry.classify(error) is not None or isinstance(error, FileNotFoundError) \
+            or not isinstance(error, (pa.ArrowException, OSError)):
+        return None
+    text = " ".join(str(error).split())
+    return UnreadableDataError(f"{redact_url(url)} is corrupt ({where} cannot be read: {text}); "
+                               "tokenize its images again or remove it")
 
 
 def _label_range(pf, column: int, current: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -527,7 +548,13 @@ class TokenSource:
 
         def read() -> pa.Table:
             with fs.open(self.paths[file], "rb") as f:
-                return pq.ParquetFile(f).read_row_group(group, columns=columns)
+                pf = pq.ParquetFile(f)
+                try:
+                    return pf.read_row_group(group, columns=columns)
+                except Exception as e:
+                    if (corrupt := _unreadable(e, self.paths[file], f"row group {group}")) is None:
+                        raise
+                    raise corrupt from e
 
         table = call_with_retries(read, what=f"reading {self.paths[file]}")  # storage faults retried, never data
         with _CACHE_LOCK:

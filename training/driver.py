@@ -2,7 +2,8 @@
 
 Ray Train V2's `TorchTrainer` with `RunConfig(name, storage_path)` = RUN, so that re-running the
 same command resumes from RUN's newest checkpoint; `FailureConfig(max_failures)` (-1: retry every
-crash); a worker's user error (bad data, bad settings) ends the run at once as one `ValueError`. Resources are sized against the cluster.
+crash); an error no retry fixes (bad data or settings, a full or read-only disk) ends the run at once
+(`training.failures`) and is raised as itself, for the job's one line. Resources are sized against the cluster.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ from training.loop import (
 )
 from training.runs import (
     JOB_FILE,
+    MARKED_RUN_FILE,
     MODEL_FILE,
     SUMMARY_FILE,
-    USER_ERROR_FILE,
     check_job_settings,
+    final_error_of,
+    is_out_of_space,
     latest_checkpoint_step,
+    mark_recorded_checkpoints,
     open_run,
+    out_of_space_at,
     ray_storage,
-    recorded_user_error,
+    restore_ray_snapshot,
     saved_train_state,
 )
 from training.settings import TrainConfig
@@ -96,15 +101,18 @@ def run_training(
         summary = store.read_json(SUMMARY_FILE)
         summary["nothing_to_do"] = True
         return summary
+    restore_ray_snapshot(store)  # a disk that filled up mid-run can leave Ray's record empty
+    mark_recorded_checkpoints(store)
     resume_step = latest_checkpoint_step(store)
     if resume_step:  # before any worker starts: a refused resume must not be retried max_failures times
         check_world_size((saved_train_state(store, resume_step) or {}).get("data_position"), cfg.num_workers)
     if preflight is not None:
         preflight()
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from pipelines.cluster import ensure_ray
+    from training.failures import TorchTrainer
 
     started = ensure_ray()
     try:
@@ -121,7 +129,8 @@ def run_training(
         cfg = resolve_resources(cfg)
         datasets = make_datasets()
         source = datasets.pop("train")
-        if not store.exists(JOB_FILE):
+        if not store.exists(JOB_FILE):  # a new run: its checkpoints count once marked
+            store.write_bytes(MARKED_RUN_FILE, b"")
             store.write_json(JOB_FILE, {**settings, "resources": {
                 "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "cpus_per_worker": cfg.cpus_per_worker}})
         crash_at = os.environ.get(CRASH_STEP_ENV)
@@ -148,23 +157,20 @@ def run_training(
             datasets=datasets or None,
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # "val" goes whole to each worker
         )
-        if store.exists(USER_ERROR_FILE):  # a re-run after fixing the data or settings
-            store.rm(USER_ERROR_FILE)
         start = time.perf_counter()
         try:
             result = trainer.fit()
-        except ray.train.TrainingFailedError:
-            user = recorded_user_error(store)
-            if user is not None:
-                raise ValueError(user) from None
-            raise
-        user = recorded_user_error(store)  # the retry after a worker's user error ends at once
-        if user is not None:
-            raise ValueError(user)
+        except ray.train.TrainingFailedError as e:
+            final = final_error_of(e)
+            if final is None:
+                raise
+            if is_out_of_space(final):
+                raise out_of_space_at(final, run_url) from None
+            raise final from None
         if result.checkpoint is None:
             raise RuntimeError("training ended without a checkpoint")
         checkpoint_name = posixpath.basename(result.checkpoint.path.rstrip("/"))
-        store.fs.copy(store.path(f"{checkpoint_name}/{MODEL_FILE}"), store.path(MODEL_FILE))
+        _publish_model(store, f"{checkpoint_name}/{MODEL_FILE}")
         summary = dict(result.return_value or {})
         summary.update(job=job, run=run_url, model=posixpath.join(run_url, MODEL_FILE),
                        checkpoint=checkpoint_name, wall_seconds_this_run=round(time.perf_counter() - start, 1))
@@ -175,6 +181,21 @@ def run_training(
             import ray
 
             ray.shutdown()
+
+
+def _publish_model(store: Any, source: str) -> None:
+    """RUN/model.safetensors from the last checkpoint's, whole or not at all (a local copy under a
+    temporary name, renamed; a store's copy is one server-side request)."""
+    if not store.is_local:
+        store.fs.copy(store.path(source), store.path(MODEL_FILE))
+        return
+    tmp = store.path(f".{MODEL_FILE}.{os.getpid()}.tmp")
+    try:
+        store.fs.copy(store.path(source), tmp)
+        os.replace(tmp, store.path(MODEL_FILE))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def summary_line(job: str, summary: Mapping[str, Any]) -> str:

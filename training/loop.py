@@ -34,11 +34,12 @@ from training.runs import (
     COMPLETE_FILE,
     TB_DIR,
     checkpoint_dir_name,
+    copy_ray_snapshot,
+    final_error_of,
     grid_name,
+    is_out_of_space,
     open_run,
-    record_user_error,
-    recorded_user_error,
-    user_error_of,
+    out_of_space_at,
 )
 from training.settings import TrainConfig
 from training.trainer import Trainer, _autocast
@@ -248,6 +249,7 @@ class _Publisher:
         for reported in committed:
             name = posixpath.basename(reported.checkpoint.path.rstrip("/"))
             if not self.store.exists(f"{name}/{COMPLETE_FILE}"):
+                copy_ray_snapshot(self.store, name)  # first: a complete checkpoint is always in the copy
                 # the step training had reached when the upload was done: evidence it went on meanwhile
                 self.store.write_json(f"{name}/{COMPLETE_FILE}", {"published_at_step": self.trainer.step})
                 log.info("checkpoint %s uploaded and complete (training at step %d)", name, self.trainer.step)
@@ -274,26 +276,24 @@ def _maybe_crash(spec: LoopSpec, step: int, rank: int, publisher: _Publisher | N
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train worker function: resume, train to `max_steps`, checkpoint, log, grid.
 
-    A user error (bad data, bad settings: `training.runs.USER_ERRORS`) is recorded in RUN before the
-    worker dies; Ray Train's retry of the worker group then finds the record and every worker returns
-    at once, and the driver raises it as one line. Ray Train 2.60 has no public hook to make a worker
-    error non-retryable (`FailureConfig` counts every worker error alike, and -1 retries forever), so
-    this costs one restart of the worker group, never `max_failures` of them.
+    An error no retry can fix (`training.runs.final_error_of`: bad data or settings, a full or
+    read-only disk) is raised as itself, a full disk as `OSError(errno, strerror, file)`: Ray pickles
+    the worker's exception to its controller without its cause chain, and the controller's failure
+    policy (`training.failures.StopOnFinalErrors`) ends the run on it at once.
     """
-    import ray.train
+    from training.failures import quiet_final_errors
 
     spec: LoopSpec = config["spec"]
-    store = open_run(spec.run_url, spec.storage_options)
-    if recorded_user_error(store) is not None:
-        return None  # an earlier attempt stopped on a user error: no retry can fix it
-    rank = ray.train.get_context().get_world_rank()
+    quiet_final_errors()
     try:
         return _train(spec)
     except Exception as e:
-        user = user_error_of(e)
-        if user is not None:
-            record_user_error(store, user, rank)
-        raise
+        final = final_error_of(e)
+        if final is None or final is e and not is_out_of_space(e):
+            raise
+        if is_out_of_space(final):
+            raise out_of_space_at(final, spec.run_url) from e
+        raise final from None
 
 
 def _train(spec: LoopSpec) -> dict[str, Any] | None:
@@ -391,7 +391,7 @@ def _train(spec: LoopSpec) -> dict[str, Any] | None:
             trainer.data_position = gather_positions(position, spec.source.num_units, world, device)
             if monitor is not None and val_shard is not None:
                 trainer.val_loss = monitor.validate(val_shard)
-            _report(trainer, monitor, rank, publisher, uploaded_at)
+            _report(trainer, monitor, rank, publisher, uploaded_at, spec.run_url)
             last_checkpoint = time.monotonic()
     batches.close()
     if grid_done_at != trainer.step and reference is not None:
@@ -427,7 +427,7 @@ def gather_positions(position: Position, num_units: int, world: int, device: tor
 
 
 def _report(trainer: Trainer, monitor: _Monitor | None, rank: int, publisher: _Publisher | None,
-            uploaded_at: dict[str, int]) -> None:
+            uploaded_at: dict[str, int], run_url: str) -> None:
     """A checkpoint, written locally and handed to Ray to upload to RUN/checkpoint_<step> in the
     background; every rank reports. ddp: rank 0 writes it; fsdp: every rank writes its shard (a
     collective), and Ray uploads each rank's folder into the same checkpoint folder. `uploaded_at`
@@ -447,7 +447,12 @@ def _report(trainer: Trainer, monitor: _Monitor | None, rank: int, publisher: _P
 
     def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
         """Ray's own upload (pyarrow copy to RUN), run on this worker's upload thread."""
-        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+        try:
+            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+        except OSError as e:  # pyarrow names no file: the checkpoint's folder is the one
+            if is_out_of_space(e):
+                raise out_of_space_at(e, posixpath.join(run_url, name)) from e
+            raise
         uploaded_at[name] = trainer.step
         return persisted
 

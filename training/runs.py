@@ -13,13 +13,14 @@ The run folder RUN (a local path or an fsspec URL such as s3://bucket/run):
         train_state.json        fsdp: the step state (the same JSON)
         _COMPLETE               written last, once every worker's part is uploaded: readers take only
                                 checkpoints with it (`flextok.runs`)
+    _MARKED                   the run marks its checkpoints (so a folder without a marker is partial)
     checkpoint_manager_snapshot.json   Ray Train's record of the checkpoints (what resume reads)
     tensorboard/              event files: loss, lr, grad norm, images/s or tokens/s
     grids/step_<step>.png     reconstruction or sample grids (rank 0)
     model.safetensors         the final EMA model
     train_summary.json        written last: the run is finished and a re-run does nothing
-    _user_error.json          while a run ends on a worker's user error (bad data, bad settings): the
-                              one line, so that Ray Train's retry ends at once (cleared by a re-run)
+    _ray_snapshot.json        a copy of Ray's record as it stood when the newest complete checkpoint was
+                              marked: Ray rewrites its record in place, and a full disk can leave it empty
 
 Where a run's model is and which tokenizer speaks which tokens are `flextok.runs`' (below every
 layer); this module applies them to RUN as a store (local or remote) and resolves the tokenizer that
@@ -28,10 +29,12 @@ decodes a generator run's grids.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import posixpath
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from typing import Any
 from flextok.runs import (
     CHECKPOINT_PREFIX,
     COMPLETE_FILE,
+    MARKED_RUN_FILE,
     MODEL_FILE,
     checkpoint_dir_name,
     complete_checkpoints,
@@ -48,7 +52,7 @@ from pipelines.writer import OutputStore
 
 log = logging.getLogger("training.runs")
 
-__all__ = ["CHECKPOINT_PREFIX", "COMPLETE_FILE", "MODEL_FILE", "checkpoint_dir_name"]  # re-exported: the layout in one place
+__all__ = ["CHECKPOINT_PREFIX", "COMPLETE_FILE", "MARKED_RUN_FILE", "MODEL_FILE", "checkpoint_dir_name"]  # re-exported: the layout in one place
 
 STATE_FILE = "train_state.safetensors"
 STATE_KIND = "TrainState"
@@ -58,10 +62,14 @@ JOB_FILE = "job.json"
 SUMMARY_FILE = "train_summary.json"
 TB_DIR = "tensorboard"
 GRID_DIR = "grids"
-USER_ERROR_FILE = "_user_error.json"
-# A worker's exception of these types (anywhere in its cause chain) is the user's: bad data or bad
-# settings, which no retry fixes. Anything else (a killed process, a lost node, a storage fault) is retried.
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train 2.60's record of the checkpoints
+SNAPSHOT_COPY_FILE = "_ray_snapshot.json"
+# Errors that end a run at once, never retried (a retry cannot fix them): a worker's exception of
+# these types anywhere in its cause chain is the user's (bad data, bad settings) ...
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+# ... and a filesystem that takes no more writes (full, over quota, read-only, a file over its limit):
+# retrying cannot free space. Anything else (a killed process, a lost node, a storage fault) is retried.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
 def open_run(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputStore:
@@ -135,32 +143,115 @@ def latest_model_file(run: str | os.PathLike) -> Path:
     return Path(run) / newest_model(open_run(str(run)))
 
 
-def user_error_of(error: BaseException) -> BaseException | None:
-    """The user error (`USER_ERRORS`) in `error`'s cause chain (Ray's `.cause` included), or None."""
+def _causes(error: BaseException):
+    """`error` and its causes: Python's chain, Ray's `.cause`, Ray Train's wrappers of a worker's
+    exception (`_base_exc`) and of a controller's (`controller_failure`), every worker's failure."""
     seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and not any(current is s for s in seen) and len(seen) < 16:
-        if isinstance(current, USER_ERRORS):
-            return current
+    todo: list[BaseException] = [error]
+    while todo and len(seen) < 64:
+        current = todo.pop(0)
+        if any(current is s for s in seen):
+            continue
         seen.append(current)
-        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
-    return None
+        yield current
+        failures = getattr(current, "worker_failures", None) or {}
+        todo += [failures[rank] for rank in sorted(failures)]  # the lowest rank first
+        todo += [e for e in (getattr(current, "_base_exc", None), getattr(current, "controller_failure", None),
+                             getattr(current, "cause", None), current.__cause__, current.__context__)
+                 if isinstance(e, BaseException)]
 
 
-def record_user_error(store: OutputStore, error: BaseException, rank: int) -> None:
-    """A worker's user error, recorded in RUN before the worker dies (the first one recorded wins)."""
-    line = " ".join(str(error).split()) or type(error).__name__
-    store.create(USER_ERROR_FILE, json.dumps({"error": line, "type": type(error).__name__, "rank": rank}).encode())
+class UnreadableDataError(ValueError):
+    """A data file that cannot be read (a corrupt page, a torn copy): one line naming the file."""
 
 
-def recorded_user_error(store: OutputStore) -> str | None:
-    """The one line of a user error a worker recorded in RUN, or None."""
-    if not store.exists(USER_ERROR_FILE):
-        return None
+def is_out_of_space(error: BaseException | None) -> bool:
+    """An OSError of `NO_SPACE_ERRNOS`, or one that says it is one of them in its cause (a write error
+    that names its file: `pipelines.writer.OutputWriteError`)."""
+    if not isinstance(error, OSError):
+        return False
+    return error.errno in NO_SPACE_ERRNOS or (error.errno is None and is_out_of_space(error.__cause__))
+
+
+def final_error_of(error: BaseException) -> BaseException | None:
+    """The error in `error`'s causes that no retry can fix (`USER_ERRORS`, a filesystem out of space
+    or read-only), or None: the run ends at once with it (`training.failures`)."""
+    return next((e for e in _causes(error) if isinstance(e, USER_ERRORS) or is_out_of_space(e)), None)
+
+
+def out_of_space_at(error: OSError, where: str) -> OSError:
+    """An out-of-space error as `OSError(errno, strerror, file)`, which survives pickling to the driver:
+    its own file, else the one its message names (`OutputWriteError`), else `where` (pyarrow's writes
+    name none: "[Errno 28] Error writing bytes to file")."""
+    if error.errno is None:  # "No space left on device: /run/x": the message holds the cause and the file
+        inner = error.__cause__
+        code = inner.errno if isinstance(inner, OSError) and inner.errno else errno.ENOSPC
+        strerror = os.strerror(code)
+        text = str(error)
+        return OSError(code, strerror, text[len(strerror) + 2:] if text.startswith(f"{strerror}: ") else where)
+    return OSError(error.errno, os.strerror(error.errno), error.filename or where)
+
+
+def _ray_record(data: bytes) -> dict[str, Any] | None:
     try:
-        return str(store.read_json(USER_ERROR_FILE)["error"])
-    except (ValueError, KeyError, TypeError):
-        return "a training worker stopped on bad input (its record is unreadable)"
+        record = json.loads(data)
+    except ValueError:  # empty or cut short: a write that did not finish
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("checkpoint_results"), list) else None
+
+
+def _named(record: dict[str, Any]) -> list[str]:
+    return [r.get("checkpoint_dir_name") for r in record["checkpoint_results"] if isinstance(r, dict)]
+
+
+def copy_ray_snapshot(store: OutputStore, name: str, attempts: int = 5, wait_s: float = 0.2) -> None:
+    """Before checkpoint `name` is marked complete: a copy of Ray's record naming it (written whole,
+    under another name), which `restore_ray_snapshot` puts back when a full disk left the record empty.
+    Ray may be rewriting its record meanwhile (the next checkpoint): a record read half-way is read again."""
+    for _ in range(attempts):
+        record = _ray_record(store.read_bytes(RAY_SNAPSHOT_FILE)) if store.exists(RAY_SNAPSHOT_FILE) else None
+        if record is not None and name in _named(record):
+            store.write_json(SNAPSHOT_COPY_FILE, record)
+            return
+        time.sleep(wait_s)
+    log.warning("Ray's record of %s does not name %s: not copied", store.url, name)
+
+
+def mark_recorded_checkpoints(store: OutputStore) -> None:
+    """Marks complete the checkpoints Ray's (readable) record names: Ray records a checkpoint once every
+    worker's upload of it ended, and a full disk can stop rank 0 between that and its marker."""
+    record = _ray_record(store.read_bytes(RAY_SNAPSHOT_FILE)) if store.exists(RAY_SNAPSHOT_FILE) else None
+    for name in _named(record) if record is not None else []:
+        if isinstance(name, str) and store.exists(name) and not store.exists(f"{name}/{COMPLETE_FILE}"):
+            store.write_json(f"{name}/{COMPLETE_FILE}", {"marked": "at the next start: Ray's record names it"})
+
+
+def restore_ray_snapshot(store: OutputStore) -> None:
+    """Before a run starts: Ray Train rewrites its record of the checkpoints in place, so a disk that
+    filled up mid-run can leave it empty or cut short, and Ray would refuse to start. It is replaced by
+    the copy taken when the newest complete checkpoint was marked, keeping the checkpoints still
+    complete (Ray may have deleted older ones since); with no copy, by nothing (no checkpoint was
+    complete: the run starts over)."""
+    if not store.exists(RAY_SNAPSHOT_FILE) or _ray_record(store.read_bytes(RAY_SNAPSHOT_FILE)) is not None:
+        return
+    copy = _ray_record(store.read_bytes(SNAPSHOT_COPY_FILE)) if store.exists(SNAPSHOT_COPY_FILE) else None
+    complete = {checkpoint_dir_name(step) for step in checkpoint_steps(store)}
+    if copy is None or not complete & set(_named(copy)):
+        log.warning("%s/%s is unreadable (a write cut short) and no complete checkpoint is recorded: "
+                    "the run starts over", store.url, RAY_SNAPSHOT_FILE)
+        store.rm(RAY_SNAPSHOT_FILE)
+        return
+    named = _named(copy)
+    keep = [i for i, n in enumerate(named) if n in complete]
+    results = [copy["checkpoint_results"][i] for i in keep]
+    copy["checkpoint_results"] = results
+    indices = copy.get("checkpoint_report_indices")
+    if isinstance(indices, list) and len(indices) == len(named):  # one report index per checkpoint
+        copy["checkpoint_report_indices"] = [indices[i] for i in keep]
+    copy["latest_checkpoint_result"] = results[-1]
+    store.write_json(RAY_SNAPSHOT_FILE, copy)
+    log.warning("%s/%s was unreadable (a write cut short): restored from the copy of checkpoint %s",
+                store.url, RAY_SNAPSHOT_FILE, results[-1].get("checkpoint_dir_name"))
 
 
 def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:

@@ -57,26 +57,29 @@ def run_in_namespace(python: str, full: Path, ro: Path, size: str, args: list[st
                           timeout=timeout)
 
 
-def _main(argv: list[str]) -> None:
-    """Inside the namespace: FULL (a tmpfs nearly filled), RO (read-only), INPUT, RESULT."""
+def run(job, args: list[str]) -> dict:
+    """`job.main(args)` with its stderr captured: exit status, stderr, seconds."""
     import contextlib
     import io
-    import json
     import logging
-    import shutil
     import time
+
+    buf = io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stderr(buf):
+        code = job.main(args)
+    logging.getLogger().handlers.clear()  # the next job's logging goes to its own buffer
+    return {"code": code, "err": buf.getvalue(), "seconds": time.monotonic() - start}
+
+
+def _main(argv: list[str]) -> None:
+    """Inside the namespace: FULL (a tmpfs nearly filled), RO (read-only), INPUT, RESULT."""
+    import json
+    import shutil
 
     full, ro, data, result = (Path(a) for a in argv)
     from jobs import tokenize, train_tokenizer
     from pipelines.cluster import start_local_ray
-
-    def run(job, args: list[str]) -> dict:
-        buf = io.StringIO()
-        start = time.monotonic()
-        with contextlib.redirect_stderr(buf):
-            code = job.main(args)
-        logging.getLogger().handlers.clear()  # the next job's logging goes to its own buffer
-        return {"code": code, "err": buf.getvalue(), "seconds": time.monotonic() - start}
 
     tiny = ["--encoder-dim", "32", "--decoder-dim", "32", "--encoder-depth", "1", "--decoder-depth", "1",
             "--head-dim", "16", "--threads", "1", "--max-steps", "2", "--batch-size", "8", "--quiet"]
@@ -94,7 +97,52 @@ def _main(argv: list[str]) -> None:
     filler.unlink()  # space freed: the same command again
     out["tokenize_rerun"] = run(tokenize, tokens)
     shutil.copytree(full / "tokens", result / "tokens")
+    out.update(_train_on_full_disk(full))
     (result / "result.json").write_text(json.dumps(out))
+
+
+def _train_on_full_disk(full: Path) -> dict:
+    """train-generator on FULL's tokens into FULL/run, a checkpoint every 4 steps; the disk fills up
+    once the first one is complete (a thread writes a filler then), and the same command runs again
+    once the filler is removed."""
+    import json
+    import threading
+
+    from jobs import train_generator
+
+    run_dir, filler = full / "run", full / "filler"
+    marker = run_dir / "checkpoint_00000004" / "_COMPLETE"
+    done = threading.Event()
+
+    def fill() -> None:
+        while not marker.exists() and not done.wait(0.01):
+            pass
+        with open(filler, "wb") as f:  # until the disk takes no more
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+
+    args = ["--tokens", str(full / "tokens"), "--output", str(run_dir), "--cond", "class", "--depth", "1", "--dim", "32",
+            "--num-heads", "2", "--threads", "1", "--warmup-steps", "1", "--batch-size", "4", "--max-steps", "24",
+            "--checkpoint-every", "4", "--grid-every", "0"]
+    filling = threading.Thread(target=fill, daemon=True)
+    filling.start()
+    out = {"train_full": run(train_generator, [*args, "--quiet"])}
+    done.set()
+    filling.join()
+    out["train_full"].update(
+        filled=filler.exists(), model=(run_dir / "model.safetensors").exists(),
+        summary=(run_dir / "train_summary.json").exists(),
+        attempts=len(list((run_dir / "tensorboard").iterdir())),  # each attempt of rank 0 opens an event file
+        complete=sorted(p.parent.name for p in run_dir.glob("checkpoint_*/_COMPLETE")))
+    filler.unlink(missing_ok=True)  # space freed: the same command again
+    out["train_rerun"] = run(train_generator, args)
+    if (run_dir / "train_summary.json").exists():
+        out["train_rerun"]["summary"] = json.loads((run_dir / "train_summary.json").read_text())
+    return out
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ inside a Ray task (red-team finding 8 of issue 22)."""
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import subprocess
 import sys
@@ -102,9 +103,11 @@ def test_full_disk_inside_a_ray_task_is_its_cause_in_one_line(ray_local, capsys)
 @pytest.mark.slow
 def test_a_real_full_disk_and_a_real_read_only_output(tmp_path, subprocess_env):
     """Outputs on a size-limited tmpfs and a read-only bind mount of a private mount namespace, with a
-    local Ray started inside it (its workers write the token parts): each failure is one line with the
-    cause and the path, exit 1; a full disk leaves no manifest (nothing claims to be complete), and the
-    same command after space is freed completes with every sample exactly once."""
+    local Ray started inside it (its workers write the token parts and the checkpoints): each failure
+    is one line with the cause and the path, exit 1; a full disk leaves no manifest (nothing claims to
+    be complete), and the same command after space is freed completes with every sample exactly once.
+    A disk that fills up in the middle of training ends the run at once (no retry: --max-failures is
+    3), and the same command after space is freed resumes from the last complete checkpoint."""
     import json
 
     import pyarrow.parquet as pq
@@ -122,7 +125,7 @@ def test_a_real_full_disk_and_a_real_read_only_output(tmp_path, subprocess_env):
         folder.mkdir()
     build_corpus("fashion-mnist", data, limit=64, samples_per_shard=16)
     env = {k: v for k, v in subprocess_env().items() if k != "RAY_ADDRESS"}
-    proc = run_in_namespace(sys.executable, full, ro, "1m", [str(full), str(ro), str(data), str(result)], env, 600)
+    proc = run_in_namespace(sys.executable, full, ro, "8m", [str(full), str(ro), str(data), str(result)], env, 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((result / "result.json").read_text())
 
@@ -141,6 +144,15 @@ def test_a_real_full_disk_and_a_real_read_only_output(tmp_path, subprocess_env):
     assert len(keys) == len(set(keys)) == 64  # every sample once: nothing lost, nothing twice
     manifest = json.loads((result / "tokens" / "_manifest.json").read_text())
     assert manifest["counts"]["rows"] == 64 and manifest["counts"]["errors"] == 0
+
+    train = runs["train_full"]
+    assert train["filled"] and f"No space left on device: {full}/run" in error_line(train, "train-generator")
+    assert train["attempts"] == 1  # Ray Train retried nothing (--max-failures 3)
+    assert not train["model"] and not train["summary"]  # no model presented as the run's
+    rerun = runs["train_rerun"]
+    assert rerun["code"] == 0 and rerun["summary"]["step"] == 24, rerun["err"][-3000:]
+    resumed = re.search(r"generator resumed from step (\d+)", rerun["err"])
+    assert resumed and 4 <= int(resumed.group(1)) < 24, rerun["err"][-3000:]  # not from scratch
 
 
 def test_ray_datas_retry_note_is_cut_from_a_stage_error_that_crossed_to_the_driver():
