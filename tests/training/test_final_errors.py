@@ -182,3 +182,18 @@ def test_a_run_from_before_markers_keeps_all_its_checkpoints_and_a_marked_run_on
     assert checkpoint_steps(open_run(str(run))) == [2]  # written whole, before markers existed
     (run / MARKED_RUN_FILE).write_bytes(b"")
     assert checkpoint_steps(open_run(str(run))) == []  # this run marks its checkpoints: 2 is partial
+
+
+def test_the_policy_quiets_the_controllers_report_where_it_is_unpickled():
+    """Ray Train's controller runs in its own actor: the policy, pickled there, installs the filter."""
+    controller = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
+    for f in [f for f in controller.filters if isinstance(f, QuietFinalErrors)]:
+        controller.removeFilter(f)
+    policy = StopOnFinalErrors(FailureConfig(max_failures=1))
+    assert not any(isinstance(f, QuietFinalErrors) for f in controller.filters)
+    pickle.loads(pickle.dumps(policy))
+    record = logging.LogRecord(controller.name, logging.ERROR, __file__, 1, "Error in control loop iteration: %s",
+                               (FULL,), (OSError, FULL, None))
+    assert not controller.filter(record)  # dropped: the job's one line says it
+    record.exc_info = (RuntimeError, RuntimeError("a bug"), None)
+    assert controller.filter(record)
