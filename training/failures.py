@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer as _RayTorchTrainer
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import TrainingFailedError
 
-from training.runs import UnreadableDataError, final_error_of, is_out_of_space
+from training.runs import UnreadableDataError, causes, final_error_of, is_out_of_space
 
 # Ray Train 2.60's loggers that report a failure with its traceback (message prefixes).
 RAY_FAILURE_REPORTS: dict[str, tuple[str, ...]] = {
@@ -42,15 +42,7 @@ UPLOAD_FAILED = ("`ray.train.report(checkpoint_upload_mode=ASYNC)` checkpoint up
 def is_quiet(error: BaseException | None) -> bool:
     """Whether the job's one line says all there is: a full or read-only disk, an unreadable data file."""
     return error is not None and any(is_out_of_space(e) or isinstance(e, UnreadableDataError)
-                                     for e in _chain(error))
-
-
-def _chain(error: BaseException):
-    for _ in range(16):
-        if error is None:
-            return
-        yield error
-        error = getattr(error, "_base_exc", None) or error.__cause__ or error.__context__
+                                     for e in causes(error))
 
 
 class QuietFinalErrors(logging.Filter):

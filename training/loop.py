@@ -32,6 +32,7 @@ from torch import nn
 from training.data import VAL, Position, RowStream, batch_stream, prefetched, resume_position
 from training.runs import (
     COMPLETE_FILE,
+    MODEL_FILE,
     TB_DIR,
     checkpoint_dir_name,
     copy_ray_snapshot,
@@ -248,11 +249,12 @@ class _Publisher:
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         for reported in committed:
             name = posixpath.basename(reported.checkpoint.path.rstrip("/"))
-            if not self.store.exists(f"{name}/{COMPLETE_FILE}"):
-                copy_ray_snapshot(self.store, name)  # first: a complete checkpoint is always in the copy
-                # the step training had reached when the upload was done: evidence it went on meanwhile
-                self.store.write_json(f"{name}/{COMPLETE_FILE}", {"published_at_step": self.trainer.step})
-                log.info("checkpoint %s uploaded and complete (training at step %d)", name, self.trainer.step)
+            if self.store.exists(f"{name}/{COMPLETE_FILE}") or not self.store.exists(f"{name}/{MODEL_FILE}"):
+                continue  # marked, or already deleted by Ray (the newest `keep_checkpoints` stay)
+            copy_ray_snapshot(self.store, name)  # first: a complete checkpoint is always in the copy
+            # the step training had reached when the upload was done: evidence it went on meanwhile
+            self.store.write_json(f"{name}/{COMPLETE_FILE}", {"published_at_step": self.trainer.step})
+            log.info("checkpoint %s uploaded and complete (training at step %d)", name, self.trainer.step)
 
     def drain(self) -> None:
         """Wait for every checkpoint reported so far to be committed and marked (errors are raised)."""

@@ -143,7 +143,7 @@ def latest_model_file(run: str | os.PathLike) -> Path:
     return Path(run) / newest_model(open_run(str(run)))
 
 
-def _causes(error: BaseException):
+def causes(error: BaseException):
     """`error` and its causes: Python's chain, Ray's `.cause`, Ray Train's wrappers of a worker's
     exception (`_base_exc`) and of a controller's (`controller_failure`), every worker's failure."""
     seen: list[BaseException] = []
@@ -176,7 +176,7 @@ def is_out_of_space(error: BaseException | None) -> bool:
 def final_error_of(error: BaseException) -> BaseException | None:
     """The error in `error`'s causes that no retry can fix (`USER_ERRORS`, a filesystem out of space
     or read-only), or None: the run ends at once with it (`training.failures`)."""
-    return next((e for e in _causes(error) if isinstance(e, USER_ERRORS) or is_out_of_space(e)), None)
+    return next((e for e in causes(error) if isinstance(e, USER_ERRORS) or is_out_of_space(e)), None)
 
 
 def out_of_space_at(error: OSError, where: str) -> OSError:
@@ -214,7 +214,7 @@ def copy_ray_snapshot(store: OutputStore, name: str, attempts: int = 5, wait_s: 
             store.write_json(SNAPSHOT_COPY_FILE, record)
             return
         time.sleep(wait_s)
-    log.warning("Ray's record of %s does not name %s: not copied", store.url, name)
+    log.info("Ray's record of %s does not name %s (deleted since, or being rewritten): not copied", store.url, name)
 
 
 def mark_recorded_checkpoints(store: OutputStore) -> None:
