@@ -89,3 +89,19 @@ def test_a_token_file_with_garbage_pages_ends_the_run_with_one_line_naming_it(ra
     assert last.startswith(f"flextok train-generator: error: {bad} is corrupt (row group 0 cannot be read: "), last
     assert "Traceback" not in err and err.count("generator: 1 worker(s)") == 1, err[-3000:]  # one attempt
     assert not (run / "model.safetensors").exists() and not (run / "train_summary.json").exists()
+
+
+def test_garbage_pages_the_driver_reads_are_one_line_naming_the_file(tmp_path):
+    """Without row-group statistics the driver reads the label column itself to check the label range."""
+    from training.data import inspect_tokens
+    from training.runs import UnreadableDataError, open_run
+
+    tokens = tmp_path / "tokens"
+    write_token_rows(tokens, max_id=1000)
+    path = tokens / "part-000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table, path, write_statistics=False)
+    garble_column_pages(path, "label")
+    assert pq.ParquetFile(path).metadata.num_rows == 16
+    with pytest.raises(UnreadableDataError, match=f"^{path} is corrupt \\(a row group cannot be read: "):
+        inspect_tokens(open_run(str(tokens)))
