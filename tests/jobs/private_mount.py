@@ -83,11 +83,11 @@ def _main(argv: list[str]) -> None:
 
     tiny = ["--encoder-dim", "32", "--decoder-dim", "32", "--encoder-depth", "1", "--decoder-depth", "1",
             "--head-dim", "16", "--threads", "1", "--max-steps", "2", "--batch-size", "8", "--quiet"]
+    start_local_ray(num_cpus=2)  # one Ray for every job (train-tokenizer would start and stop its own)
     out: dict = {
         "tokenize_ro": run(tokenize, ["--input", str(data), "--output", str(ro / "tokens"), "--model", "tiny", "--quiet"]),
         "train_ro": run(train_tokenizer, ["--data", str(data), "--output", str(ro / "run"), *tiny]),
     }
-    start_local_ray(num_cpus=2)
     filler = full / "filler"
     free = os.statvfs(full).f_bavail * os.statvfs(full).f_frsize
     filler.write_bytes(b"\0" * (free - 24 * 1024))  # 24 KiB left: the job's first few files fit
