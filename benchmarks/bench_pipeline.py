@@ -10,7 +10,8 @@ Measures, side by side (issue 23):
   3. the same pipeline on a 2-node local cluster (`ray.cluster_utils.Cluster`, the same cores split
      between the nodes) against that plain loop;
   4. what explains the ratios: decode cost per image on one core, the bare encoder on 1 and on all
-     threads over tensors already in memory;
+     threads over tensors already in memory, and one single-thread bare encoder per core at once
+     (the ceiling of the pipeline's CPU pool);
   5. FLOPs per image (torch's FlopCounterMode on the `meta` device) and a projection for ImageNet-1k
      and a 100 M-image corpus on N GPUs, with the CPU cores per GPU that decoding needs;
   6. with --extras: a per-image batch-1 loop writing one .npy per image (LlamaGen `extract_codes`
@@ -153,6 +154,42 @@ def run_bare_encoder(spec: str, batch_size: int, threads: int, num: int) -> floa
         stage._tokenize(batch)
         done += batch_size
     return done / (time.perf_counter() - start)
+
+
+def _bare_process(spec: str, batch_size: int, num: int, barrier, results) -> None:
+    import torch
+
+    from pipelines.encode import TokenizeBatch
+
+    torch.set_num_threads(1)
+    stage = TokenizeBatch(spec, num_threads=1)
+    batch = np.random.default_rng(0).integers(0, 256, size=(batch_size, stage.image_size, stage.image_size, 3),
+                                              dtype=np.uint8)
+    stage._tokenize(batch)  # warm-up
+    barrier.wait()  # every process starts timing together: they share the cores' caches and memory
+    start = time.perf_counter()
+    done = 0
+    while done < num:
+        stage._tokenize(batch)
+        done += batch_size
+    results.put(done / (time.perf_counter() - start))
+
+
+def run_bare_processes(spec: str, batch_size: int, processes: int, num: int) -> float:
+    """Aggregate images/s of `processes` single-thread bare encoders running at once, one per core:
+    the ceiling of any design that puts one single-thread encoder on each core (the pipeline's CPU
+    pool), before any reading, decoding, writing or Ray overhead."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_bare_process, args=(spec, batch_size, num, barrier, results)) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    rates = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(rates)
 
 
 def run_per_image(images: list[bytes], spec: str, threads: int, out: Path) -> float:
@@ -421,6 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row["contender"] = f"{PREVIOUS} ({row['pool']} reserved, 1 thread each)"
         decode_ms = {name: decode_cost(corpus, S, min(args.num_images, 500)) * 1e3 for name, corpus in corpora.items()}
         bare = {t: run_bare_encoder(args.model, args.batch_size, t, args.bare_images) for t in sorted({1, cpus})}
+        bare_procs = run_bare_processes(args.model, args.batch_size, cpus, args.bare_images) if cpus > 1 else None
         if args.extras:
             report.sections.append(extras(args, jpegs, corpora[names[1]], work, cpus))
     finally:
@@ -438,7 +476,10 @@ def main(argv: list[str] | None = None) -> dict:
         cluster.shutdown()
 
     why = ["Decode stage on one core: " + ", ".join(f"{decode_ms[n]:.2f} ms/image for {n}" for n in names),
-           "Bare encoder over uint8 batches in memory: " + ", ".join(f"{v:.1f} img/s on {t} thread(s)" for t, v in bare.items())]
+           "Bare encoder over uint8 batches in memory: " + ", ".join(f"{v:.1f} img/s on {t} thread(s)" for t, v in bare.items())
+           + (f"; {cpus} single-thread processes at once: {bare_procs:.1f} img/s together (the ceiling of one "
+              f"single-thread encoder per core, {bare_procs / bare[cpus]:.2f}x one process on {cpus} threads)"
+              if bare_procs else "")]
     if args.model == "tiny":
         _, enc_tiny = counted_flops("tiny")
         why.append(f"tiny encoder: {enc_tiny / 1e9:.3f} GFLOP/image counted")
@@ -458,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_md.write_text(text)
     result = {"header": report.header, "cpus": cpus, "cluster_cpus": list(split), "rows": report.rows,
               "ratios": ratios, "decode_ms": decode_ms, "bare_encoder": {str(k): v for k, v in bare.items()},
+              "bare_processes": bare_procs,
               "smoke": args.smoke}
     out_md.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + text + f"\nwritten: {out_md} (+ .json)")

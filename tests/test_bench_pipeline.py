@@ -36,6 +36,9 @@ def test_bench_pipeline_smoke_measures_both_corpora_and_the_cluster(tmp_path, su
         assert ratios["pipeline"] == pytest.approx(default["images_per_s"] / plain["images_per_s"], rel=1e-2, abs=1e-3)
         assert ratios["cluster"] == pytest.approx(cluster["images_per_s"] / plain["images_per_s"], rel=1e-2, abs=1e-3)
         assert all(len(r["load"]) == 2 for r in runs)
+    # One single-thread encoder per core, all at once: a rate (their sum), reported beside the threads
+    assert result["bare_processes"] > 0 and set(result["bare_encoder"]) == {"1", "2"}
     text = out.read_text()
+    assert "2 single-thread processes at once" in text
     assert "| corpus | contender | images |" in text and "vs plain loop" in text
     assert "Sweep on 64 JPEGs" in text and "| d18_d28 |" in text  # extras and the projection ran
